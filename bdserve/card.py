@@ -1,0 +1,79 @@
+"""card.json: everything a reader of a model directory needs besides the weights.
+
+A model directory holds ``model.onnx`` (or a TorchScript ``model.pt``) and, usually,
+``card.json``. Cards are plain JSON: loading one never executes or unpickles anything.
+Only ``name`` is required; a foreign classifier's card (``bdserve import``) may hold
+just the input shape, class names and normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CARD_FILE = "card.json"
+CARD_SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelCard:
+    name: str
+    version: str = "1"
+    architecture: str = "unknown"
+    # Input contract of model.onnx: float32 NCHW, values in input_range; when
+    # normalization_in_graph is false the server applies (x - mean) / std itself.
+    input_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    input_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    normalization_in_graph: bool = True
+    classes: list[str] = field(default_factory=list)
+    defense: str = "shrinkpad:4"  # what the server applies unless told otherwise
+    metrics: dict[str, Any] = field(default_factory=dict)  # e.g. {"none": {"clean_acc":..,"asr":..}, ...}
+    attack: dict[str, Any] | None = None  # kind, trigger, target, poison_rate, enhanced, max_shrink, seed
+    training: dict[str, Any] = field(default_factory=dict)  # data, epochs, schedule, seed, wall time, device
+    schema_version: int = CARD_SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"card.json has unknown fields: {', '.join(sorted(unknown))}")
+        if "name" not in d:
+            raise ValueError("card.json needs a 'name'")
+        return cls(**d)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CARD_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelCard":
+        """From a card.json file or the model directory that holds one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CARD_FILE
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def trigger(self):
+        """The attack's trigger, or None for a model this project did not infect."""
+        if not self.attack or "trigger" not in self.attack:
+            return None
+        from bdserve.transforms.triggers import Trigger
+
+        return Trigger.from_dict(self.attack["trigger"])
+
+    @property
+    def target_label(self) -> int | None:
+        return None if not self.attack else self.attack.get("target")

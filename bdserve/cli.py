@@ -1,0 +1,34 @@
+"""The ``bdserve`` command. Each subcommand lives in its own module under
+bdserve/commands and registers itself; heavy imports (torch, onnxruntime) happen
+inside the commands so that ``bdserve --help`` stays instant."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="bdserve",
+    help="Defense-as-a-service for image classifiers against backdoor triggers.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+# One module per subcommand (or group); each exposes register(app).
+COMMAND_MODULES = [
+    "train",
+    "demo",
+]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"bdserve.commands.{_name}").register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

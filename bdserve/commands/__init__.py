@@ -1,0 +1,1 @@
+"""Subcommands of the bdserve CLI, one module each."""

@@ -1,0 +1,1 @@
+"""The defended pipeline and its transports (HTTP, gRPC, TorchServe) and the evaluation client."""

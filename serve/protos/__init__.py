@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the Open Inference Protocol (grpc_predict_v2.proto)."""

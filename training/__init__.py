@@ -1,0 +1,1 @@
+"""Data, poisoning, model registry, trainer, in-process evaluation and export."""

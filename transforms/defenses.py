@@ -1,0 +1,189 @@
+"""Test-time defenses: the paper's spatial transformations (Flip, ShrinkPad) and the
+non-spatial baselines of Appendix D (additive Gaussian noise, colour shifts).
+
+A defense is named by a spec string so that cards, the command line and lab-mode
+requests all speak the same language::
+
+    none | flip | shrinkpad:K | noise:STD | brightness:B | contrast:C | saturation:S | hue:H
+    and compositions joined by '+', applied left to right, e.g. ``flip+shrinkpad:2``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import kornia.enhance as KE
+import torch
+
+from bdserve.transforms.base import Transform, randint, uniform
+from bdserve.transforms.spatial import hflip, shrink_pad
+
+
+class Identity(Transform):
+    spec = "none"
+
+    def apply(self, x, params):
+        return x
+
+
+class Flip(Transform):
+    """Left-right flip of every image (the defense is deterministic)."""
+
+    spec = "flip"
+
+    def apply(self, x, params):
+        return hflip(x)
+
+
+class ShrinkPad(Transform):
+    """Shrink by k pixels (bilinear), then zero-pad back to size at a random offset.
+
+    The offset (top, left) is uniform over all (k + 1)^2 placements, drawn
+    independently for each image.
+    """
+
+    random = True
+
+    def __init__(self, k: int):
+        super().__init__()
+        if k < 0:
+            raise ValueError("shrink size must be >= 0")
+        self.k = int(k)
+
+    @property
+    def spec(self) -> str:
+        return f"shrinkpad:{self.k}"
+
+    def draw(self, x, generator=None):
+        n = x.shape[0]
+        return {"top": randint(n, self.k, x, generator), "left": randint(n, self.k, x, generator)}
+
+    def apply(self, x, params):
+        k = torch.full((x.shape[0],), self.k, device=x.device, dtype=torch.long)
+        return shrink_pad(x, k, params["top"], params["left"])
+
+
+class GaussianNoise(Transform):
+    """Additive Gaussian noise with standard deviation ``std`` (on the [0, 1] scale), clipped to [0, 1]."""
+
+    random = True
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = float(std)
+
+    @property
+    def spec(self) -> str:
+        return f"noise:{self.std:g}"
+
+    def draw(self, x, generator=None):
+        dev = generator.device if generator is not None else x.device
+        return torch.randn(x.shape, generator=generator, device=dev).to(device=x.device, dtype=x.dtype)
+
+    def apply(self, x, params):
+        return (x + self.std * params).clamp(0, 1)
+
+
+def _brightness(x, f):
+    # Multiplicative, like torchvision's ColorJitter (Kornia's adjust_brightness is additive).
+    return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+# name -> (range of the factor drawn for strength s, how Kornia applies it)
+_COLOR_OPS: dict[str, tuple[Callable[[float], tuple[float, float]], Callable]] = {
+    "brightness": (lambda s: (max(0.0, 1 - s), 1 + s), _brightness),
+    "contrast": (lambda s: (max(0.0, 1 - s), 1 + s), lambda x, f: KE.adjust_contrast(x, f, clip_output=True)),
+    "saturation": (lambda s: (max(0.0, 1 - s), 1 + s), lambda x, f: KE.adjust_saturation(x, f)),
+    # Hue strength is a fraction of the colour wheel, as in torchvision (0.5 = half a turn).
+    "hue": (lambda s: (-s, s), lambda x, f: KE.adjust_hue(x, f * 2 * math.pi)),
+}
+
+
+class ColorShift(Transform):
+    """One ColorJitter component (Appendix D): a factor drawn per image, applied by Kornia."""
+
+    random = True
+
+    def __init__(self, kind: str, strength: float):
+        super().__init__()
+        if kind not in _COLOR_OPS:
+            raise ValueError(f"unknown colour shift {kind!r}")
+        self.kind, self.strength = kind, float(strength)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:{self.strength:g}"
+
+    def draw(self, x, generator=None):
+        low, high = _COLOR_OPS[self.kind][0](self.strength)
+        return uniform(x.shape[0], low, high, x, generator)
+
+    def apply(self, x, params):
+        return _COLOR_OPS[self.kind][1](x, params).clamp(0, 1)
+
+
+class Compose(Transform):
+    """Transforms applied left to right; each one draws its own parameters."""
+
+    def __init__(self, transforms: list[Transform]):
+        super().__init__()
+        self.transforms = torch.nn.ModuleList(transforms)
+        self.random = any(t.random for t in transforms)
+
+    @property
+    def spec(self) -> str:
+        return "+".join(t.spec for t in self.transforms) or "none"
+
+    def forward(self, x, generator=None):
+        # Draw-then-apply per stage: later draws may depend on earlier outputs' shapes.
+        for t in self.transforms:
+            x = t(x, generator)
+        return x
+
+    def apply(self, x, params: list[Any]):
+        for t, p in zip(self.transforms, params):
+            x = t.apply(x, p)
+        return x
+
+
+Defense = Transform
+
+_FACTORIES: dict[str, Callable[[str | None], Transform]] = {
+    "none": lambda arg: Identity(),
+    "flip": lambda arg: Flip(),
+    "shrinkpad": lambda arg: ShrinkPad(int(arg)),
+    "noise": lambda arg: GaussianNoise(float(arg)),
+    **{kind: (lambda kind: lambda arg: ColorShift(kind, float(arg)))(kind) for kind in _COLOR_OPS},
+}
+_NEEDS_ARG = {"shrinkpad", "noise", *_COLOR_OPS}
+
+
+def list_defenses() -> list[str]:
+    """The spec forms ``create_defense`` understands."""
+    return ["none", "flip", "shrinkpad:K", "noise:STD", *[f"{k}:S" for k in _COLOR_OPS]]
+
+
+def create_defense(spec: str | None) -> Transform:
+    """Build a defense from its spec string, e.g. ``"shrinkpad:4"`` or ``"flip+shrinkpad:2"``."""
+    spec = (spec or "none").strip().lower()
+    parts = [p.strip() for p in spec.split("+") if p.strip()]
+    if not parts:
+        raise ValueError("empty defense spec")
+    built = []
+    for part in parts:
+        name, _, arg = part.partition(":")
+        if name not in _FACTORIES:
+            raise ValueError(f"unknown defense {name!r}; expected one of: {', '.join(list_defenses())}")
+        if name in _NEEDS_ARG and not arg:
+            raise ValueError(f"defense {name!r} needs a value, e.g. {name}:{'4' if name == 'shrinkpad' else '0.1'}")
+        if name not in _NEEDS_ARG and arg:
+            raise ValueError(f"defense {name!r} takes no value")
+        try:
+            built.append(_FACTORIES[name](arg or None))
+        except ValueError as e:
+            raise ValueError(f"bad value in defense {part!r}: {e}") from None
+    built = [t for t in built if not isinstance(t, Identity)]
+    if not built:
+        return Identity()
+    return built[0] if len(built) == 1 else Compose(built)
