@@ -20,6 +20,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "train",
     "demo",
+    "archive",
 ]
 
 for _name in COMMAND_MODULES:

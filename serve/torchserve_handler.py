@@ -1,0 +1,117 @@
+"""TorchServe custom handler: bdserve's defended pipeline behind TorchServe 0.12.
+
+``bdserve archive`` puts this file into the .mar next to model.onnx, card.json and
+model-config.yaml. It builds the same ``DefendedModel`` that ``bdserve serve`` uses
+(decode, fit, defense, normalize, runtime, postprocess) from the unpacked archive,
+so nothing here re-implements decoding or the defense.
+
+The worker imports ``bdserve`` from the Python environment TorchServe was started
+from (``torchserve`` passes its own interpreter to the workers): install bdserve there,
+``pip install 'bdserve[torchserve]'``.
+
+Requests: one image per request, as the raw body or the multipart field ``data``
+(TorchServe hands both over as ``data``/``body``). TorchServe batches requests
+(``batchSize``/``maxBatchDelay`` in model-config.yaml); each batch is decoded
+request by request, so one bad image gets its own 4xx and the others in the same
+batch are still answered. The answer per request is the JSON document that bdserve's
+``POST /predictions/{model}`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class BdserveHandler:
+    """TorchServe entry point (the module must define exactly one class)."""
+
+    def __init__(self) -> None:
+        self.model = None
+        self.initialized = False
+        self.topk = 5
+
+    def initialize(self, context: Any) -> None:
+        from bdserve.serve.pipeline import DefendedModel
+
+        props = context.system_properties
+        model_dir = props.get("model_dir")
+        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        gpu_id = props.get("gpu_id")
+        device = "auto"
+        if gpu_id is not None:
+            import torch
+
+            # TorchServe assigns a GPU per worker only when it found one; honour its choice.
+            device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
+        self.topk = int(cfg.get("topk", 5))
+        self.model = DefendedModel.load(
+            model_dir, defense=cfg.get("defense"), backend=cfg.get("backend", "auto"), device=device
+        )
+        self.initialized = True
+        log.info("bdserve handler ready: %s, defense %s", model_dir, self.model.defense_spec)
+
+    # -- request handling ---------------------------------------------------
+
+    @staticmethod
+    def _payload(row: Any) -> bytes:
+        """The uploaded image of one TorchServe request, or InvalidInput."""
+        from bdserve.serve.pipeline import InvalidInput
+
+        if not isinstance(row, dict):
+            raise InvalidInput("empty request")
+        body = row.get("data")
+        if body is None:
+            body = row.get("body")
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            body = bytes(body)
+            if not body:
+                raise InvalidInput("empty body: send an image (JPEG, PNG or WebP) as the body or field 'data'")
+            return body
+        if body is None:
+            raise InvalidInput("no image: send it as the request body or the multipart field 'data'")
+        # TorchServe has already decoded JSON/text bodies: they cannot be an image upload.
+        raise InvalidInput(
+            f"expected an encoded image (JPEG, PNG or WebP), got a {type(body).__name__} body; "
+            "tensors go to bdserve's /v2/models/{model}/infer"
+        )
+
+    def handle(self, data: list | None, context: Any) -> list:
+        if data is None:  # TorchServe's function-style initialisation call; unused here
+            return []
+        if not self.initialized:
+            self.initialize(context)
+        from bdserve.serve.pipeline import InvalidInput
+
+        results: list[Any] = [None] * len(data)
+        good_idx: list[int] = []
+        tensors = []
+        for i, row in enumerate(data):
+            try:
+                tensors.append(self.model.decode([self._payload(row)]))
+                good_idx.append(i)
+            except (InvalidInput, ValueError) as e:
+                results[i] = self._error(context, i, 400, str(e))
+        if tensors:
+            import torch
+
+            batch = torch.cat(tensors, 0) if len(tensors) > 1 else tensors[0]
+            pred = self.model.predict(batch)
+            for j, i in enumerate(good_idx):
+                results[i] = self._document(pred, j)
+        return results
+
+    def _document(self, pred: Any, j: int) -> dict:
+        from bdserve.serve.pipeline import prediction_document
+
+        return prediction_document(pred, j, model=self.model, topk=self.topk)
+
+    @staticmethod
+    def _error(context: Any, idx: int, code: int, message: str) -> dict:
+        try:
+            context.set_response_status(code=code, phrase=message[:200], idx=idx)
+        except Exception:  # noqa: BLE001 - an old TorchServe without per-request status
+            log.warning("could not set per-request status %s for request %d", code, idx)
+        return {"error": message, "code": code}
