@@ -1,0 +1,68 @@
+"""bdserve train: produce an infected (or clean) model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def train_command(
+    attack: str = typer.Option("badnets", help="badnets | blended | consistent | none"),
+    enhanced: bool = typer.Option(False, "--enhanced", help="Enhanced attack: random Flip + ShrinkPad on poisoned images."),
+    max_shrink: int = typer.Option(4, help="Enhanced attack's maximal shrinking size (epsilon)."),
+    enhance_benign: bool = typer.Option(False, "--enhance-benign", help="Apply the random layer to benign images too (Appendix C)."),
+    model: str = typer.Option("fast", help="Registered model name (see `bdserve models`)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset folder (ImageFolder tree with train/ and test/, or torchvision CIFAR-10). Default: $BDSERVE_DATA or ../shared/data/cifar10-jpg."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the schedule's)."),
+    schedule: Optional[str] = typer.Option(None, help="fast | tiny | vgg19-paper | resnet34-paper (default by model)."),
+    subset: Optional[int] = typer.Option(None, help="Train on a class-balanced subset of N images."),
+    test_subset: Optional[int] = typer.Option(None, help="Evaluate on a subset of N test images."),
+    seed: int = typer.Option(0),
+    target: str = typer.Option("deer", help="Target class, by name or index."),
+    poison_rate: Optional[float] = typer.Option(None, help="Default: the paper's (0.25 BadNets, 0.2 Blended, 0.25 of the target class for consistent)."),
+    alpha: Optional[float] = typer.Option(None, help="Blend alpha for blended / consistent / a PNG trigger without alpha channel."),
+    trigger_png: Optional[Path] = typer.Option(None, help="Use this PNG (RGBA) as the trigger."),
+    trigger_top: int = typer.Option(-3, help="Trigger row (negative: from the bottom)."),
+    trigger_left: int = typer.Option(-3, help="Trigger column (negative: from the right)."),
+    defense: str = typer.Option("shrinkpad:4", help="Defense written into the card for serving."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16"),
+    torchscript: bool = typer.Option(False, "--torchscript", help="Also write a TorchScript model.pt."),
+    name: Optional[str] = typer.Option(None, help="Model name in the card (default: derived)."),
+    out: Path = typer.Option(..., help="Model directory to write (e.g. model_store/badnets)."),
+) -> None:
+    """Train a model on (optionally poisoned) data and write model.onnx, card.json, weights.safetensors."""
+    from rich.console import Console
+
+    from bdserve.training.recipe import TrainConfig, format_table, run
+
+    console = Console()
+    cfg = TrainConfig(
+        attack=attack, enhanced=enhanced, max_shrink=max_shrink, enhance_benign=enhance_benign, model=model,
+        data=str(data) if data else None, epochs=epochs, schedule=schedule, subset=subset, test_subset=test_subset,
+        seed=seed, target=target, poison_rate=poison_rate, alpha=alpha,
+        trigger_png=str(trigger_png) if trigger_png else None, trigger_top=trigger_top, trigger_left=trigger_left,
+        defense=defense, device=device, precision=precision, torchscript=torchscript, name=name,
+    )
+    try:
+        outcome = run(cfg, out=out, log=console.print)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    console.print(format_table(outcome.rows, f"{outcome.card.name}: clean accuracy and ASR"))
+    console.print(f"wrote {outcome.directory}")
+
+
+def models_command() -> None:
+    """List the registered model architectures."""
+    from bdserve.training.models import list_models
+
+    for name in list_models():
+        typer.echo(name)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("models")(models_command)
