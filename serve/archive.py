@@ -245,14 +245,19 @@ class LocalTorchServe:
         cfg = self.workdir / "config.properties"
         cfg.write_text(self.config_text())
         env = self._env()
-        proc = subprocess.run(
-            [exe, "--start", "--ncs", "--disable-token-auth", "--ts-config", str(cfg),
-             "--model-store", str(self.model_store)],
-            cwd=self.workdir, env=env, capture_output=True, text=True, timeout=60,
-        )
+        # The Java frontend outlives the launcher and inherits its stdout: a file, not a
+        # pipe, or waiting for the launcher would wait for Java to exit.
+        console = self.workdir / "logs" / "console.log"
+        with open(console, "ab") as out:
+            proc = subprocess.run(
+                [exe, "--start", "--ncs", "--disable-token-auth", "--ts-config", str(cfg),
+                 "--model-store", str(self.model_store)],
+                cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                timeout=60,
+            )
         pid_file = Path(env["TMPDIR"]) / ".model_server.pid"
         if proc.returncode != 0 or not pid_file.is_file():
-            raise RuntimeError(f"torchserve --start failed: {proc.stdout}{proc.stderr}")
+            raise RuntimeError(f"torchserve --start failed: {console.read_text(errors='replace')[-2000:]}")
         self.pid = int(pid_file.read_text().split()[0])
         try:
             self.wait_ready(timeout)
@@ -288,7 +293,7 @@ class LocalTorchServe:
 
     def log_tail(self, n: int = 60) -> str:
         out = []
-        for name in ("ts_log.log", "model_log.log"):
+        for name in ("console.log", "ts_log.log", "model_log.log"):
             p = self.workdir / "logs" / name
             if p.is_file():
                 out.append(f"--- {name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))

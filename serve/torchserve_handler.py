@@ -13,8 +13,10 @@ Requests: one image per request, as the raw body or the multipart field ``data``
 (TorchServe hands both over as ``data``/``body``). TorchServe batches requests
 (``batchSize``/``maxBatchDelay`` in model-config.yaml); each batch is decoded
 request by request, so one bad image gets its own 4xx and the others in the same
-batch are still answered. The answer per request is the JSON document that bdserve's
-``POST /predictions/{model}`` returns.
+batch are still answered. The answer per request is what bdserve's
+``POST /predictions/{model}`` returns: the body ``{class: probability}`` of the top
+five classes, the defense applied in the ``X-Bdserve-Defense`` header (and
+``X-Bdserve-Suspected-Trigger`` when detecting), errors as ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class BdserveHandler:
-    """TorchServe entry point (the module must define exactly one class)."""
+    """TorchServe entry point (TorchServe wants exactly one class in a handler module)."""
 
     def __init__(self) -> None:
         self.model = None
@@ -58,7 +60,7 @@ class BdserveHandler:
     @staticmethod
     def _payload(row: Any) -> bytes:
         """The uploaded image of one TorchServe request, or InvalidInput."""
-        from bdserve.serve.pipeline import InvalidInput
+        from bdserve.serve.errors import InvalidInput
 
         if not isinstance(row, dict):
             raise InvalidInput("empty request")
@@ -83,8 +85,10 @@ class BdserveHandler:
             return []
         if not self.initialized:
             self.initialize(context)
-        from bdserve.serve.pipeline import InvalidInput
+        from bdserve.serve.errors import InvalidInput
 
+        # One line per worker call: how many requests TorchServe batched together.
+        log.info("bdserve batch of %d requests", len(data))
         results: list[Any] = [None] * len(data)
         good_idx: list[int] = []
         tensors = []
@@ -92,21 +96,26 @@ class BdserveHandler:
             try:
                 tensors.append(self.model.decode([self._payload(row)]))
                 good_idx.append(i)
-            except (InvalidInput, ValueError) as e:
-                results[i] = self._error(context, i, 400, str(e))
+            except InvalidInput as e:
+                results[i] = self._error(context, i, getattr(e, "http_status", 400), str(e))
         if tensors:
             import torch
 
             batch = torch.cat(tensors, 0) if len(tensors) > 1 else tensors[0]
             pred = self.model.predict(batch)
+            # The same body and headers as bdserve's POST /predictions/{model}.
+            docs = self.model.postprocess(pred, self.topk)
             for j, i in enumerate(good_idx):
-                results[i] = self._document(pred, j)
+                results[i] = docs[j]
+                _header(context, i, "X-Bdserve-Defense", pred.defense)
+                if pred.suspected is not None:
+                    _header(context, i, "X-Bdserve-Suspected-Trigger", "true" if bool(pred.suspected[j]) else "false")
+        for i in range(len(results)):
+            try:
+                context.set_response_content_type(i, "application/json")
+            except Exception:  # noqa: BLE001 - cosmetic; TorchServe still sends the JSON
+                pass
         return results
-
-    def _document(self, pred: Any, j: int) -> dict:
-        from bdserve.serve.pipeline import prediction_document
-
-        return prediction_document(pred, j, model=self.model, topk=self.topk)
 
     @staticmethod
     def _error(context: Any, idx: int, code: int, message: str) -> dict:
@@ -114,4 +123,11 @@ class BdserveHandler:
             context.set_response_status(code=code, phrase=message[:200], idx=idx)
         except Exception:  # noqa: BLE001 - an old TorchServe without per-request status
             log.warning("could not set per-request status %s for request %d", code, idx)
-        return {"error": message, "code": code}
+        return {"error": message}  # bdserve's error format (Open Inference Protocol)
+
+
+def _header(context: Any, idx: int, key: str, value: str) -> None:
+    try:
+        context.set_response_header(idx, key, value)
+    except Exception:  # noqa: BLE001 - headers are informative; the body is the answer
+        log.warning("could not set header %s on request %d", key, idx)
