@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "train",
     "demo",
     "archive",
+    "serve",
+    "import_model",
 ]
 
 for _name in COMMAND_MODULES:

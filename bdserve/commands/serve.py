@@ -1,0 +1,60 @@
+"""``bdserve serve``: the defended models of a model store behind Open Inference Protocol
+HTTP and gRPC, in one process and one event loop, until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        model_store: Optional[Path] = typer.Option(None, "--model-store", help="Directory of model directories (default: $BDSERVE_MODEL_STORE or ./model_store)."),
+        model: Optional[List[str]] = typer.Option(None, "--model", help="Model directory name to serve; repeatable (default: every model in the store)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Loopback by default; bind 0.0.0.0 only behind your own network controls."),
+        http_port: int = typer.Option(8080, "--http-port", help="HTTP port (0: any free port, printed at start)."),
+        grpc_port: int = typer.Option(8081, "--grpc-port", help="gRPC port (0: any free port, printed at start)."),
+        no_grpc: bool = typer.Option(False, "--no-grpc", help="Serve HTTP only."),
+        defense: Optional[str] = typer.Option(None, "--defense", help="Defense for every model, overriding the cards: none, flip, shrinkpad:K, noise:STD, ..., joined with '+'."),
+        backend: str = typer.Option("auto", "--backend", help="auto (model.onnx, else model.pt), onnx or torchscript."),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA when usable), cpu, cuda, cuda:1 ..."),
+        max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most images per executed batch."),
+        max_queue_delay_ms: float = typer.Option(5.0, "--max-queue-delay-ms", help="Longest a request waits for batch-mates."),
+        detect: bool = typer.Option(False, "--detect", help="Also predict the undefended input; flag and count disagreements as suspected triggers (a second forward pass)."),
+        lab: bool = typer.Option(False, "--lab", help="Evaluation lab: let requests choose the defense (parameter 'defense'). Never in production."),
+        max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
+        max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest decoded image, in pixels (decompression-bomb guard)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: its own choice)."),
+        grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
+        log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
+    ) -> None:
+        """Serve defended models over HTTP (Open Inference Protocol v2, TorchServe-style /predictions, /metrics) and gRPC."""
+        import asyncio
+
+        from bdserve.serve.errors import InvalidInput
+        from bdserve.serve.server import ServeConfig, load_models, serve_forever
+        from bdserve.serve.service import InferenceService
+        from bdserve.settings import model_store as default_store
+
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        store = model_store or default_store()
+        limit = int(max_body_mb * 1024 * 1024)
+        try:
+            models = load_models(store, model, defense=defense, backend=backend, device=device, lab=lab,
+                                 detect=detect, max_pixels=max_pixels, threads=threads)
+        except (FileNotFoundError, ValueError, InvalidInput) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        for m in models.values():
+            typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
+                       f"{', lab' if lab else ''}{', detect' if detect else ''}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
+                       f"{len(m.classes)} classes")
+        service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms)
+        config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
+                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level)
+        code = asyncio.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
+        raise typer.Exit(code)

@@ -1,0 +1,37 @@
+"""One exception family for everything a client can get wrong.
+
+Every transport maps these the same way: the HTTP status and the gRPC status code
+live on the class, and the message (``str(err)``) says what was wrong, so a client
+sees the same explanation through every door. Anything that is *not* an
+``InvalidInput`` is a server fault.
+"""
+
+from __future__ import annotations
+
+
+class InvalidInput(ValueError):
+    """A request the server refuses because of what the client sent (HTTP 400, gRPC INVALID_ARGUMENT)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class PayloadTooLarge(InvalidInput):
+    """A body over the server's size limit (HTTP 413)."""
+
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class NotFound(InvalidInput):
+    """An unknown model or model version (HTTP 404, gRPC NOT_FOUND)."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class DefenseNotAllowed(InvalidInput):
+    """A request asked for another defense on a server not started in lab mode (HTTP 403)."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"

@@ -1,0 +1,262 @@
+"""The HTTP door: Open Inference Protocol v2 (KServe v2 / Triton) on FastAPI,
+plus TorchServe-style ``POST /predictions/{model}`` and Prometheus ``/metrics``.
+
+Errors use the protocol's format, ``{"error": "<what was wrong>"}``, with 400
+(bad input), 403 (defense not allowed), 404 (unknown model/version/route) or 413
+(body over the limit). The body limit is enforced before the body is read when
+the client declares Content-Length, and while streaming otherwise.
+
+Binary tensor extension: when the ``Inference-Header-Content-Length`` header is
+present, the body is that many bytes of JSON followed by the raw contents of
+each input that has ``parameters.binary_data_size``, in input order. Outputs are
+sent binary when the request sets ``parameters.binary_data_output`` or an
+output's ``parameters.binary_data``; the response then carries the same header.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bdserve.serve import oip
+from bdserve.serve.errors import InvalidInput, NotFound, PayloadTooLarge
+from bdserve.serve.metrics import CONTENT_TYPE_LATEST
+from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
+
+log = logging.getLogger(__name__)
+
+HEADER_LEN = "inference-header-content-length"
+PROTOCOL = "http"
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a declared Content-Length over the limit, without reading
+    the body; for chunked bodies, the limit is enforced while the app reads."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                too_big = False
+            if too_big:
+                resp = JSONResponse({"error": f"request body of {int(declared)} bytes is over this server's limit "
+                                              f"of {self.max_bytes} bytes (--max-body-mb)"}, status_code=413,
+                                    headers={"Connection": "close"})
+                return await resp(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(f"request body is over this server's limit of {self.max_bytes} bytes (--max-body-mb)")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def _error(e: InvalidInput) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=e.http_status)
+
+
+def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+    app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    app.state.max_body = max_body_bytes
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(request: Request, e: InvalidInput):
+        return _error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+    # ------------------------------------------------------------ health/meta
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None):
+        return service.metadata(service.get(name, version))
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None):
+        service.get(name, version)
+        return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ infer
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None):
+        with service.observe(name, PROTOCOL) as box:
+            try:
+                return await _infer(service, name, version, request)
+            except InvalidInput as e:
+                box["code"] = str(e.http_status)
+                return _error(e)
+            except Exception:
+                box["code"] = "500"
+                raise
+
+    @app.post("/predictions/{name}")
+    async def predictions(name: str, request: Request):
+        with service.observe(name, "torchserve") as box:
+            try:
+                return await _predictions(service, name, request)
+            except InvalidInput as e:
+                box["code"] = str(e.http_status)
+                return _error(e)
+            except Exception:
+                box["code"] = "500"
+                raise
+
+    return BodyLimit(app, max_body_bytes)
+
+
+async def _infer(service: InferenceService, name: str, version: str | None, request: Request) -> Response:
+    model = service.get(name, version)
+    body = await request.body()
+    header_len = request.headers.get(HEADER_LEN)
+    if header_len is not None:
+        try:
+            n = int(header_len)
+        except ValueError:
+            raise InvalidInput(f"malformed binary header: {HEADER_LEN} must be an integer, got {header_len!r}") from None
+        if not 0 < n <= len(body):
+            raise InvalidInput(f"malformed binary header: {HEADER_LEN} is {n}, the body has {len(body)} bytes")
+        header, binary = body[:n], memoryview(body)[n:]
+    else:
+        header, binary = body, memoryview(b"")
+    try:
+        req = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"malformed JSON request: {e}") from None
+    if not isinstance(req, dict):
+        raise InvalidInput("the request must be a JSON object with an 'inputs' list")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise InvalidInput("the request must have an 'inputs' list with exactly one input tensor "
+                           f"(got {len(inputs) if isinstance(inputs, list) else type(inputs).__name__})")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be a JSON object")
+
+    spec = inputs[0]
+    if not isinstance(spec, dict):
+        raise InvalidInput("each input must be a JSON object with name, datatype, shape and data")
+    iname, datatype = spec.get("name"), oip.check_datatype(spec.get("datatype"))
+    shape = oip.check_shape(spec.get("shape"))
+    iparams = spec.get("parameters") or {}
+    if "binary_data_size" in iparams:
+        size = iparams["binary_data_size"]
+        if not isinstance(size, int) or size < 0 or size > len(binary):
+            raise InvalidInput(f"malformed binary header: binary_data_size {size!r} but {len(binary)} binary bytes follow the JSON")
+        value = oip.from_raw(datatype, shape, binary[:size])
+        binary = binary[size:]
+    elif "data" in spec:
+        value = oip.from_json(datatype, shape, spec["data"])
+    else:
+        raise InvalidInput(f"input {iname!r} has neither 'data' nor parameters.binary_data_size")
+    if len(binary):
+        raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
+
+    x = await service.to_tensor(model, iname, datatype, shape, value)
+    pred = await service.infer(model, x, params.get("defense"))
+    return _infer_response(model, req, params, pred)
+
+
+def _infer_response(model, req: dict, params: dict, pred) -> Response:
+    produced = oip.prediction_outputs(pred, model.detect)
+    default_binary = bool(params.get("binary_data_output", False))
+    wanted = req.get("outputs")
+    if wanted is None:
+        selected = [(o, default_binary) for o in produced]
+    else:
+        if not isinstance(wanted, list):
+            raise InvalidInput("'outputs' must be a list")
+        by_name = {o[0]: o for o in produced}
+        selected = []
+        for w in wanted:
+            oname = w.get("name") if isinstance(w, dict) else None
+            if oname not in by_name:
+                raise InvalidInput(f"unknown output {oname!r}; this model produces {', '.join(by_name)}")
+            binary = (w.get("parameters") or {}).get("binary_data", default_binary)
+            selected.append((by_name[oname], bool(binary)))
+
+    resp_params = {"defense": pred.defense}
+    if pred.suspected is not None:
+        resp_params["suspected_trigger"] = bool(pred.suspected.any())
+    out_json, blobs = [], []
+    for (oname, dt, shape, value), binary in selected:
+        o = {"name": oname, "datatype": dt, "shape": shape}
+        if binary:
+            raw = oip.raw_of(dt, value)
+            o["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            o["data"] = oip.json_of(dt, value)
+        out_json.append(o)
+    doc = {"model_name": model.name, "model_version": model.version, "parameters": resp_params, "outputs": out_json}
+    if isinstance(req.get("id"), str):
+        doc["id"] = req["id"]
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(head, media_type="application/json")
+    return Response(head + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+
+
+async def _predictions(service: InferenceService, name: str, request: Request) -> Response:
+    model = service.get(name)
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        try:
+            # A non-file field may hold the whole image; the body limit already bounds it.
+            form = await request.form(max_files=4, max_fields=16, max_part_size=request.app.state.max_body)
+        except InvalidInput:
+            raise
+        except Exception as e:  # noqa: BLE001 - python-multipart's errors vary by version
+            raise InvalidInput(f"malformed multipart body: {e}") from None
+        field = form.get("data") or form.get("file")
+        if field is None:
+            raise InvalidInput("multipart upload needs a field named 'data' holding the image")
+        blob = await field.read() if hasattr(field, "read") else str(field).encode()
+    else:
+        blob = await request.body()
+    x = await service.to_tensor(model, "image", "BYTES", [1], [blob])
+    pred = await service.infer(model, x)
+    headers = {"X-Bdserve-Defense": pred.defense}
+    if pred.suspected is not None:
+        headers["X-Bdserve-Suspected-Trigger"] = "true" if bool(pred.suspected[0]) else "false"
+    return JSONResponse(model.postprocess(pred)[0], headers=headers)
+

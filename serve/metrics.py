@@ -1,0 +1,63 @@
+"""Prometheus metrics of one server, on its own CollectorRegistry (several servers
+can live in one process, e.g. in tests). Names follow architecture.md; labels are
+bounded: model names come from the store (an unknown model a client asked for is
+counted as ``_unknown``), labels from the card's class list, codes from HTTP/gRPC.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the HTTP app)
+
+UNKNOWN_MODEL = "_unknown"
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
+        self.requests = Counter("bdserve_requests", "Requests answered", ["model", "protocol", "code"], registry=r)
+        self.request_duration = Histogram(
+            "bdserve_request_duration_seconds", "Time from request to response",
+            ["model", "protocol"], buckets=_LATENCY, registry=r)
+        self.defense_duration = Histogram(
+            "bdserve_defense_duration_seconds", "Time the defense took per batch",
+            ["model", "defense"], buckets=_LATENCY, registry=r)
+        self.inference_duration = Histogram(
+            "bdserve_inference_duration_seconds", "Time the runtime took per batch",
+            ["model", "backend"], buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("bdserve_batch_size", "Images per executed batch", ["model"],
+                                    buckets=_BATCH, registry=r)
+        self.inflight = Gauge("bdserve_inflight_requests", "Requests being processed", ["model"], registry=r)
+        self.model_info = Info("bdserve_model", "Served model", ["model"], registry=r)
+        self.predictions = Counter("bdserve_predictions", "Top-1 predictions by class", ["model", "label"], registry=r)
+        self.suspected = Counter("bdserve_suspected_triggers",
+                                 "Images whose defended and undefended predictions disagree (--detect)",
+                                 ["model"], registry=r)
+
+    def describe_model(self, model) -> None:
+        self.model_info.labels(model=model.name).info({
+            "version": model.version, "backend": model.backend,
+            "device": model.runtime_device, "defense": model.defense_spec,
+        })
+        self.inflight.labels(model=model.name)
+        if model.detect:
+            self.suspected.labels(model=model.name)
+
+    def observe_request(self, model: str, protocol: str, code: str | int, seconds: float) -> None:
+        self.requests.labels(model=model, protocol=protocol, code=str(code)).inc()
+        self.request_duration.labels(model=model, protocol=protocol).observe(seconds)
+
+    def observe_batch(self, model, size: int, pred) -> None:
+        self.batch_size.labels(model=model.name).observe(size)
+        self.defense_duration.labels(model=model.name, defense=pred.defense).observe(pred.timings.get("defense", 0.0))
+        self.inference_duration.labels(model=model.name, backend=model.backend).observe(pred.timings.get("inference", 0.0))
+        for label in pred.labels:
+            self.predictions.labels(model=model.name, label=label).inc()
+        if pred.suspected is not None:
+            self.suspected.labels(model=model.name).inc(int(pred.suspected.sum()))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

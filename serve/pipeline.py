@@ -1,0 +1,272 @@
+"""The defended pipeline: the one object every door (HTTP, gRPC, TorchServe, in-process
+evaluation) calls. Nothing else decodes, defends or postprocesses.
+
+    bytes --decode/fit--> uint8 (B,3,H,W) ---.
+    UINT8 / FP32 array --from_array----------+--> predict: to device -> float [0,1]
+        -> DEFENSE (per-sample draws) -> normalize (unless in the graph) -> runtime
+        -> softmax -> Prediction(probs, labels, defense, suspected)
+
+The shape follows KServe's Model (load / preprocess / predict / postprocess), but
+every step is synchronous and thread-safe for one caller at a time, so the
+asyncio batcher can run ``predict`` in a worker thread.
+
+The defense is the server's: ``predict(defense=...)`` is honoured only on a model
+loaded with ``lab=True`` (the evaluation lab); otherwise asking for any other
+defense raises ``DefenseNotAllowed``. The defense's randomness comes from the
+server (torch's global generator, or a generator passed in-process); a client can
+never choose it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bdserve.card import CARD_FILE, ModelCard
+from bdserve.serve.errors import DefenseNotAllowed, InvalidInput
+from bdserve.serve.images import DEFAULT_MAX_PIXELS, decode_images
+from bdserve.serve.runtimes import Runtime, open_runtime
+from bdserve.settings import pick_device
+from bdserve.transforms import create_defense
+
+log = logging.getLogger(__name__)
+
+# FP32 inputs must lie in [0, 1]; allow float rounding from clients that divided by 255.
+_RANGE_SLACK = 1e-3
+
+
+@dataclass
+class Prediction:
+    probs: np.ndarray  # float32 (B, C)
+    label_ids: np.ndarray  # int64 (B,)
+    labels: list[str]
+    defense: str  # spec of the defense applied
+    suspected: np.ndarray | None = None  # bool (B,): defended and undefended top-1 disagree (detect mode)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: defense, inference (whole batch)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def slice(self, start: int, stop: int) -> "Prediction":
+        return Prediction(
+            self.probs[start:stop], self.label_ids[start:stop], self.labels[start:stop], self.defense,
+            None if self.suspected is None else self.suspected[start:stop], self.timings,
+        )
+
+
+class DefendedModel:
+    """A classifier wrapped with its test-time defense. Build it with ``DefendedModel.load``."""
+
+    def __init__(self, card: ModelCard, runtime: Runtime, *, defense: str, device: torch.device,
+                 lab: bool = False, detect: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.card = card
+        self.runtime = runtime
+        self.device = device
+        self.lab = lab
+        self.detect = detect
+        self.max_pixels = max_pixels
+        c, h, w = card.input_shape
+        self.channels = int(c)
+        self.input_size = (int(h), int(w))
+        self._defenses: dict[str, torch.nn.Module] = {}
+        self._defense = self._build_defense(defense)
+        self.defense_spec: str = self._defense.spec
+        self._mean = torch.tensor(card.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(card.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        lo, hi = card.input_range
+        self._range = None if (lo, hi) == (0.0, 1.0) else (float(lo), float(hi))
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, model_dir: str | Path, *, defense: str | None = None, backend: str = "auto",
+             device: str | torch.device = "auto", lab: bool = False, detect: bool = False,
+             class_names: list[str] | None = None, mean: list[float] | None = None,
+             std: list[float] | None = None, input_size: tuple[int, int] | None = None,
+             max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None) -> "DefendedModel":
+        """Open a model directory (model.onnx or model.pt, card.json optional).
+
+        ``defense`` None means the card's. Without a card the input shape comes from
+        the ONNX graph (or ``input_size``), class names from ``class_names`` (else
+        ``class_0 ..``) and normalisation from ``mean``/``std`` (else none: the graph
+        is assumed to take [0, 1] input). Arguments given override the card.
+        """
+        model_dir = Path(model_dir)
+        dev = device if isinstance(device, torch.device) else pick_device(device)
+        runtime = open_runtime(model_dir, backend, dev, threads)
+        has_card = (model_dir / CARD_FILE).exists()
+        card = ModelCard.load(model_dir) if has_card else ModelCard(name=model_dir.name, architecture="foreign")
+
+        graph = getattr(runtime, "input_shape", None)
+        if input_size is not None:
+            card.input_shape = [card.input_shape[0], int(input_size[0]), int(input_size[1])]
+        elif graph and all(graph):
+            if has_card and list(graph) != list(card.input_shape):
+                raise ValueError(f"{model_dir}: card.json says input {card.input_shape}, the graph {list(graph)}")
+            card.input_shape = list(graph)
+        elif not has_card:
+            raise ValueError(f"{model_dir}: the graph's input size is dynamic ({graph}); give input_size or a card")
+        if mean is not None or std is not None:
+            card.mean = list(mean if mean is not None else [0.0] * 3)
+            card.std = list(std if std is not None else [1.0] * 3)
+            card.normalization_in_graph = False
+        if class_names:
+            card.classes = list(class_names)
+
+        model = cls(card, runtime, defense=defense if defense is not None else card.defense,
+                    device=dev, lab=lab, detect=detect, max_pixels=max_pixels)
+        # One dummy batch: learns the class count when nothing else says it, and warms the runtime up.
+        n_out = model._forward(torch.zeros((1, *card.input_shape), device=dev)).shape[-1]
+        if not card.classes:
+            card.classes = [f"class_{i}" for i in range(n_out)]
+        elif len(card.classes) != n_out:
+            raise ValueError(f"{model_dir}: {len(card.classes)} class names but the model outputs {n_out} scores")
+        log.info("loaded %s v%s: %s, defense %s", card.name, card.version, runtime.describe(), model.defense_spec)
+        return model
+
+    # -------------------------------------------------------------- properties
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def version(self) -> str:
+        return str(self.card.version)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.name
+
+    @property
+    def runtime_device(self) -> str:
+        """Where inference really runs (ONNX Runtime may have fallen back to the CPU)."""
+        return str(self.runtime.device)
+
+    # ----------------------------------------------------------- preprocessing
+    def decode(self, blobs: list[bytes]) -> torch.Tensor:
+        """Encoded images -> uint8 (B, 3, H, W) at the model's input size (see bdserve.serve.images)."""
+        return decode_images(blobs, self.input_size, self.max_pixels)
+
+    def from_array(self, arr: np.ndarray) -> torch.Tensor:
+        """A raw UINT8 (0..255) or FP32 ([0, 1]) array (B, 3, H, W) -> tensor, validated.
+
+        The size must equal the model's input size: raw tensors are not resized
+        (a client sending tensors has already decided the pixels; send an encoded
+        image to have the server fit it).
+        """
+        if not isinstance(arr, np.ndarray):
+            raise InvalidInput("expected an array")
+        if arr.dtype not in (np.uint8, np.float32):
+            raise InvalidInput(f"datatype {arr.dtype} not accepted: send UINT8 (0..255) or FP32 ([0, 1])")
+        want = (self.channels, *self.input_size)
+        if arr.ndim != 4:
+            raise InvalidInput(f"expected a batch of rank 4 [B,{want[0]},{want[1]},{want[2]}], got rank {arr.ndim} {list(arr.shape)}")
+        if arr.shape[0] < 1:
+            raise InvalidInput("empty batch")
+        if tuple(arr.shape[1:]) != want:
+            raise InvalidInput(f"expected shape [B,{want[0]},{want[1]},{want[2]}] (model {self.name}), got {list(arr.shape)}")
+        if arr.dtype == np.float32:
+            if not np.isfinite(arr).all():
+                raise InvalidInput("input contains NaN or Inf")
+            lo, hi = float(arr.min()), float(arr.max())
+            if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
+                raise InvalidInput(f"FP32 input must lie in [0, 1], got values in [{lo:g}, {hi:g}] (send UINT8 for 0..255)")
+            arr = np.clip(arr, 0.0, 1.0)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    preprocess = from_array
+
+    # ---------------------------------------------------------------- defenses
+    def _build_defense(self, spec: str) -> torch.nn.Module:
+        try:
+            d = create_defense(spec)
+        except ValueError as e:
+            raise InvalidInput(f"bad defense {spec!r}: {e}") from None
+        d = d.to(self.device).eval()
+        return self._defenses.setdefault(d.spec, d)
+
+    def resolve_defense(self, spec: str | None) -> torch.nn.Module:
+        """The defense a request gets: the server's, or (lab mode only) the one it asks for."""
+        if spec is None or spec == self.defense_spec:
+            return self._defense
+        d = self._defenses.get(spec)
+        if d is None:
+            d = self._build_defense(spec)
+        if d.spec != self.defense_spec and not self.lab:
+            raise DefenseNotAllowed(
+                f"this server applies defense {self.defense_spec!r} and does not let requests choose "
+                f"(asked for {d.spec!r}; start the server with --lab for evaluation)"
+            )
+        return d
+
+    # ---------------------------------------------------------------- predict
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float [0, 1] on self.device -> logits (model-space scaling happens here)."""
+        if not self.card.normalization_in_graph:
+            x = (x - self._mean) / self._std
+        elif self._range is not None:
+            x = self._range[0] + x * (self._range[1] - self._range[0])
+        return self.runtime(x)
+
+    def _check(self, x: torch.Tensor) -> None:
+        want = (self.channels, *self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise InvalidInput(f"expected shape [B,{want[0]},{want[1]},{want[2]}], got {list(x.shape)}")
+        if x.shape[0] < 1:
+            raise InvalidInput("empty batch")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise InvalidInput(f"datatype {x.dtype} not accepted: send uint8 or float in [0, 1]")
+
+    def predict(self, x: torch.Tensor, *, defense: str | None = None,
+                generator: torch.Generator | None = None) -> Prediction:
+        """Defend and classify a batch: uint8 (0..255) or float ([0, 1]) (B, 3, H, W) on any device."""
+        self._check(x)
+        d = self.resolve_defense(defense)
+        x = x.to(self.device, non_blocking=True)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            xd = d(x, generator)
+            t1 = time.perf_counter()
+            # Detect mode: the undefended batch rides in the same forward pass.
+            logits = self._forward(torch.cat([xd, x]) if self.detect else xd)
+            t2 = time.perf_counter()
+            probs = _to_probs(logits)
+        b = x.shape[0]
+        ids = probs[:b].argmax(1)
+        suspected = None
+        if self.detect:
+            suspected = (ids != probs[b:].argmax(1)).numpy()
+        ids_np = ids.numpy()
+        return Prediction(
+            probs=probs[:b].numpy(), label_ids=ids_np, labels=[self.classes[i] for i in ids_np],
+            defense=d.spec, suspected=suspected, timings={"defense": t1 - t0, "inference": t2 - t1},
+        )
+
+    def postprocess(self, pred: Prediction, top_k: int = 5) -> list[dict[str, float]]:
+        """TorchServe-style: one {class: probability} dict of the top_k classes per image."""
+        k = min(top_k, len(self.classes))
+        out = []
+        for row in pred.probs:
+            top = np.argsort(-row, kind="stable")[:k]
+            out.append({self.classes[i]: float(row[i]) for i in top})
+        return out
+
+    def __call__(self, blobs: list[bytes], **kw) -> Prediction:
+        return self.predict(self.decode(blobs), **kw)
+
+
+def _to_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax on the host; a graph that already ends in a softmax is left alone."""
+    logits = logits.float().cpu()
+    if bool((logits >= 0).all()) and bool(torch.allclose(logits.sum(1), torch.ones(len(logits)), atol=1e-4)):
+        return logits
+    return torch.softmax(logits, dim=1)

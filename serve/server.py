@@ -1,0 +1,191 @@
+"""Both doors in one process and one event loop: uvicorn (HTTP) and grpc.aio (gRPC)
+share the InferenceService, hence one batcher per model.
+
+Shutdown (SIGTERM or SIGINT, or ``request_stop``): both doors stop accepting at
+once, requests in flight finish (up to ``grace_s``), the batchers drain, and
+``run`` returns 0. uvicorn's own signal capture is switched off because it
+re-raises the signal after shutdown, which would end the process with -15
+instead of a clean exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
+from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
+from bdserve.serve.pipeline import DefendedModel
+from bdserve.serve.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    http_port: int = 8080  # 0: any free port
+    grpc_port: int | None = 8081  # 0: any free port; None: no gRPC door
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE
+    grace_s: float = 30.0
+    log_level: str = "warning"
+
+
+def model_dirs(store: str | Path, names: list[str] | None = None) -> list[Path]:
+    """The model directories to serve: the named ones, else every directory holding a model."""
+    store = Path(store)
+    if names:
+        dirs = [store / n for n in names]
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"no such model directory: {', '.join(missing)}")
+        return dirs
+    dirs = sorted(d for d in store.iterdir() if d.is_dir() and ((d / "model.onnx").exists() or (d / "model.pt").exists()))
+    if not dirs:
+        raise FileNotFoundError(f"{store} holds no model directory (model.onnx or model.pt)")
+    return dirs
+
+
+def load_models(store: str | Path, names: list[str] | None = None, **load_kw) -> dict[str, DefendedModel]:
+    models = {}
+    for d in model_dirs(store, names):
+        m = DefendedModel.load(d, **load_kw)
+        if m.name in models:
+            raise ValueError(f"two model directories are named {m.name!r} in their cards")
+        models[m.name] = m
+    return models
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # signals are ours (see module docstring)
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class Server:
+    def __init__(self, service: InferenceService, config: ServeConfig):
+        self.service, self.config = service, config
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_url_host(self.config.host)}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str | None:
+        return None if self.grpc_port is None else f"{_url_host(self.config.host)}:{self.grpc_port}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._stop = asyncio.Event()
+        await self.service.start()
+        sock = _bind(cfg.host, cfg.http_port)
+        self.http_port = sock.getsockname()[1]
+        app = create_app(self.service, max_body_bytes=cfg.max_body_bytes)
+        self._uvicorn = _Uvicorn(uvicorn.Config(
+            app, log_level=cfg.log_level, access_log=False, lifespan="off",
+            timeout_graceful_shutdown=int(cfg.grace_s) or None,
+        ))
+        self._http_task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))
+        self._grpc = None
+        if cfg.grpc_port is not None:
+            self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes)
+            self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
+            if not self.grpc_port:
+                raise OSError(f"could not bind gRPC to {cfg.host}:{cfg.grpc_port}")
+            await self._grpc.start()
+        while not self._uvicorn.started:
+            if self._http_task.done():
+                await self._http_task  # raises the startup error
+                raise OSError("HTTP server stopped during startup")
+            await asyncio.sleep(0.01)
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        self._uvicorn.should_exit = True  # stop accepting; uvicorn finishes open requests
+        waits = [self._http_task]
+        if self._grpc is not None:
+            waits.append(self._grpc.stop(self.config.grace_s))
+        await asyncio.gather(*waits, return_exceptions=True)
+        await self.service.stop()
+
+
+async def serve_forever(service: InferenceService, config: ServeConfig, announce=print) -> int:
+    """Start both doors, announce the addresses, run until SIGTERM/SIGINT, shut down gracefully."""
+    server = Server(service, config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, server.request_stop)
+    announce(f"HTTP listening on {server.http_url}")
+    if server.grpc_target:
+        announce(f"gRPC listening on {server.grpc_target}")
+    await server.wait()
+    announce("stopped")
+    return 0
+
+
+class BackgroundServer:
+    """A Server on its own event loop in a daemon thread (tests, benchmarks, notebooks)."""
+
+    def __init__(self, service: InferenceService, config: ServeConfig):
+        self.server = Server(service, config)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="bdserve-server", daemon=True)
+
+    def _main(self) -> None:
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            try:
+                await self.server.start()
+            except BaseException as e:  # noqa: BLE001
+                self._error = e
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.server.wait()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> Server:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        return self.server
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.server.request_stop)
+        self._thread.join(60)

@@ -1,0 +1,128 @@
+"""What both doors share: the loaded models, their batchers and the metrics.
+
+A transport turns its wire format into a tensor (``to_tensor``), awaits
+``infer``, and turns the Prediction back into its wire format. Lookup errors,
+bad inputs and refused defenses arrive as ``InvalidInput`` subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from bdserve import __version__ as _version
+from bdserve.serve.batching import Batcher
+from bdserve.serve.errors import InvalidInput, NotFound
+from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
+from bdserve.serve.pipeline import DefendedModel, Prediction
+
+SERVER_NAME = "bdserve"
+SERVER_VERSION = _version if isinstance(_version, str) else "0"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+# Inputs the model metadata advertises. The tensor input takes UINT8 or FP32.
+TENSOR_INPUT = "input"
+IMAGE_INPUT = "image"
+OUTPUT_PROBS = "probabilities"
+OUTPUT_LABEL = "label"
+OUTPUT_SUSPECTED = "suspected_trigger"
+
+
+class InferenceService:
+    def __init__(self, models: dict[str, DefendedModel], *, max_batch_size: int = 32,
+                 max_queue_delay_ms: float = 5.0, metrics: Metrics | None = None):
+        if not models:
+            raise ValueError("no models to serve")
+        self.models = models
+        self.metrics = metrics or Metrics()
+        self.batchers = {
+            name: Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                          on_batch=self.metrics.observe_batch)
+            for name, m in models.items()
+        }
+        for m in models.values():
+            self.metrics.describe_model(m)
+        self.ready = False
+
+    async def start(self) -> None:
+        for b in self.batchers.values():
+            b.start()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await asyncio.gather(*(b.close() for b in self.batchers.values()))
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, name: str, version: str | None = None) -> DefendedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"unknown model {name!r}; this server has: {', '.join(sorted(self.models))}")
+        if version not in (None, "") and str(version) != model.version:
+            raise NotFound(f"model {name!r} has no version {version!r} (served version: {model.version})")
+        return model
+
+    def metric_name(self, name: str) -> str:
+        return name if name in self.models else UNKNOWN_MODEL
+
+    def metadata(self, model: DefendedModel) -> dict:
+        c, (h, w) = model.channels, model.input_size
+        outputs = [
+            {"name": OUTPUT_PROBS, "datatype": "FP32", "shape": [-1, len(model.classes)]},
+            {"name": OUTPUT_LABEL, "datatype": "BYTES", "shape": [-1]},
+        ]
+        if model.detect:
+            outputs.append({"name": OUTPUT_SUSPECTED, "datatype": "BOOL", "shape": [-1]})
+        return {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": model.runtime.platform,
+            "inputs": [
+                # Send exactly one of these per request; "input" also accepts UINT8 (0..255).
+                {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, c, h, w]},
+                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            ],
+            "outputs": outputs,
+        }
+
+    # --------------------------------------------------------------- inference
+    async def to_tensor(self, model: DefendedModel, name: str, datatype: str, shape: list[int],
+                        value: np.ndarray | list[bytes]) -> torch.Tensor:
+        """A decoded OIP input -> the model's uint8/float batch. Images decode off the event loop."""
+        if name not in (TENSOR_INPUT, IMAGE_INPUT):
+            raise InvalidInput(f"unknown input {name!r}; model {model.name} takes {TENSOR_INPUT!r} "
+                               f"(UINT8/FP32 [B,3,H,W]) or {IMAGE_INPUT!r} (BYTES, encoded images)")
+        if datatype == "BYTES":
+            if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+                raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
+            return await asyncio.to_thread(model.decode, list(value))
+        if datatype not in ("UINT8", "FP32"):
+            raise InvalidInput(f"datatype {datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
+        return model.from_array(value)
+
+    async def infer(self, model: DefendedModel, x: torch.Tensor, defense: str | None = None) -> Prediction:
+        if defense is not None:
+            if not isinstance(defense, str):
+                raise InvalidInput("parameter 'defense' must be a string, e.g. \"flip\"")
+            model.resolve_defense(defense)  # refuse before queueing (lab mode, bad spec)
+        gauge = self.metrics.inflight.labels(model=model.name)
+        gauge.inc()
+        try:
+            return await self.batchers[model.name].submit(x, defense)
+        finally:
+            gauge.dec()
+
+    @contextmanager
+    def observe(self, model_name: str, protocol: str):
+        """Time a request and count it with its status code; the transport sets ``box['code']``."""
+        box = {"code": "200"}
+        t0 = time.perf_counter()
+        try:
+            yield box
+        finally:
+            self.metrics.observe_request(self.metric_name(model_name), protocol, box["code"],
+                                         time.perf_counter() - t0)

@@ -1,0 +1,158 @@
+"""DefendedModel in-process: decoding and fitting, tensor validation, defenses, lab and detect."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bdserve.serve.errors import DefenseNotAllowed, InvalidInput
+from bdserve.serve.images import decode_image
+from bdserve.serve.pipeline import DefendedModel
+
+from conftest import FOREIGN_CLASSES, encode, random_image
+
+
+def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
+    """A valid PNG header declaring a huge image: a few dozen bytes that would decode to gigabytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decode_formats_and_fit(tiny_model, rng):
+    arr = random_image(rng, 32, 32)
+    png, webp = encode(arr, "PNG"), encode(arr, "WEBP", lossless=True)
+    assert np.array_equal(tiny_model.decode([png])[0].permute(1, 2, 0).numpy(), arr)  # right size: untouched
+    assert np.array_equal(tiny_model.decode([webp])[0].permute(1, 2, 0).numpy(), arr)
+    big = encode(random_image(rng, 480, 640), "JPEG", quality=90)
+    x = tiny_model.decode([big, png])
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8
+
+
+def test_fit_is_cover_then_center_crop():
+    # A wide image: red | green | blue thirds. Cover-fit to a square keeps only the middle third.
+    arr = np.zeros((30, 90, 3), np.uint8)
+    arr[:, :30, 0], arr[:, 30:60, 1], arr[:, 60:, 2] = 255, 255, 255
+    out = decode_image(encode(arr), (10, 10))
+    assert out.shape == (10, 10, 3)
+    assert out[:, :, 1].min() > 200 and out[:, :, 0].max() < 60 and out[:, :, 2].max() < 60
+
+
+def test_exif_orientation_is_honoured():
+    # Top half white, bottom black, stored with "rotate 90 CW" (orientation 6): upright, the
+    # white half is on the right.
+    arr = np.zeros((40, 40, 3), np.uint8)
+    arr[:20] = 255
+    im = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif)
+    out = decode_image(buf.getvalue(), (40, 40)).astype(int)
+    assert out[:, 25:].mean() > 200 and out[:, :15].mean() < 50
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"this is not an image at all" * 4, "not an image"),
+    (b"", "empty"),
+    (bomb_png(), "pixel"),
+])
+def test_decode_rejects(tiny_model, blob, message):
+    with pytest.raises(InvalidInput, match=message):
+        tiny_model.decode([blob])
+
+
+def test_truncated_image_is_rejected(tiny_model, rng):
+    jpeg = encode(random_image(rng, 200, 200), "JPEG")
+    with pytest.raises(InvalidInput, match="truncated|corrupt"):
+        tiny_model.decode([jpeg[: len(jpeg) // 2]])
+    png = encode(random_image(rng, 200, 200), "PNG")
+    with pytest.raises(InvalidInput, match="truncated|corrupt"):
+        tiny_model.decode([png[: len(png) // 2]])
+
+
+def test_from_array_validation(tiny_model):
+    ok = np.zeros((2, 3, 32, 32), np.float32)
+    assert tiny_model.from_array(ok).shape == (2, 3, 32, 32)
+    bad = [
+        (np.zeros((3, 32, 32), np.float32), "rank"),
+        (np.zeros((1, 3, 16, 16), np.float32), "shape"),
+        (np.zeros((1, 1, 32, 32), np.uint8), "shape"),
+        (np.zeros((1, 3, 32, 32), np.int64), "datatype"),
+        (np.full((1, 3, 32, 32), np.nan, np.float32), "NaN"),
+        (np.full((1, 3, 32, 32), np.inf, np.float32), "NaN or Inf"),
+        (np.full((1, 3, 32, 32), 255.0, np.float32), r"\[0, 1\]"),
+        (np.zeros((0, 3, 32, 32), np.uint8), "empty"),
+    ]
+    for arr, message in bad:
+        with pytest.raises(InvalidInput, match=message):
+            tiny_model.from_array(arr)
+
+
+def test_uint8_and_float_agree_and_flip_is_flip(tiny_model, rng):
+    x = torch.from_numpy(rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    a = tiny_model.predict(x)
+    b = tiny_model.predict(x.float() / 255)
+    assert a.defense == "flip" and np.allclose(a.probs, b.probs, atol=1e-6)
+    # Flip then no defense == no flip then... the flipped input without defense.
+    c = tiny_model.predict(x.flip(-1), defense="none")
+    assert np.allclose(a.probs, c.probs, atol=1e-5)
+    assert a.labels == [tiny_model.classes[i] for i in a.label_ids]
+
+
+def test_defense_is_the_servers_unless_lab(served_store, rng):
+    prod = DefendedModel.load(served_store / "tiny", threads=1)
+    x = torch.from_numpy(rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8))
+    assert prod.predict(x, defense="flip").defense == "flip"  # asking for what it has is fine
+    with pytest.raises(DefenseNotAllowed, match="--lab"):
+        prod.predict(x, defense="none")
+    with pytest.raises(InvalidInput, match="bad defense"):
+        prod.predict(x, defense="explode:3")
+    over = DefendedModel.load(served_store / "tiny", defense="shrinkpad:2", threads=1)
+    assert over.defense_spec == "shrinkpad:2" and over.predict(x).defense == "shrinkpad:2"
+
+
+def test_detect_flags_disagreement(served_store, rng):
+    m = DefendedModel.load(served_store / "tiny", detect=True, threads=1)
+    x = torch.from_numpy(rng.integers(0, 256, (64, 3, 32, 32), dtype=np.uint8))
+    p = m.predict(x)
+    assert p.suspected is not None and p.suspected.dtype == np.bool_
+    lab = DefendedModel.load(served_store / "tiny", lab=True, threads=1)
+    expect = lab.predict(x).label_ids != lab.predict(x, defense="none").label_ids
+    assert np.array_equal(p.suspected, expect) and expect.any() and not expect.all()
+
+
+def test_seeded_generator_reproduces_random_defense(served_store, rng):
+    m = DefendedModel.load(served_store / "tiny", defense="shrinkpad:4", threads=1)
+    x = torch.from_numpy(rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
+    a = m.predict(x, generator=torch.Generator().manual_seed(7))
+    b = m.predict(x, generator=torch.Generator().manual_seed(7))
+    assert np.array_equal(a.probs, b.probs)
+
+
+def test_foreign_model_without_card(foreign_onnx, tmp_path):
+    d = tmp_path / "bare"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(foreign_onnx.read_bytes())
+    m = DefendedModel.load(d, defense="none", threads=1)
+    assert m.input_size == (64, 64) and m.classes == [f"class_{i}" for i in range(7)]
+    assert m.card.normalization_in_graph
+    m2 = DefendedModel.load(d, defense="flip", class_names=FOREIGN_CLASSES, mean=[0.5] * 3, std=[0.25] * 3, threads=1)
+    assert m2.classes == FOREIGN_CLASSES and not m2.card.normalization_in_graph
+    p = m2.predict(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert p.probs.shape == (2, 7) and set(p.labels) <= set(FOREIGN_CLASSES)
+
+
+def test_postprocess_top_k(tiny_model, rng):
+    p = tiny_model.predict(torch.from_numpy(rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)))
+    docs = tiny_model.postprocess(p, top_k=3)
+    assert len(docs) == 2 and all(len(d) == 3 for d in docs)
+    assert list(docs[0])[0] == p.labels[0]
