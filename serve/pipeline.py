@@ -180,6 +180,8 @@ class DefendedModel:
             if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
                 raise InvalidInput(f"FP32 input must lie in [0, 1], got values in [{lo:g}, {hi:g}] (send UINT8 for 0..255)")
             arr = np.clip(arr, 0.0, 1.0)
+        if not arr.flags.writeable:  # a view of the request's bytes; torch wants to own writable memory
+            arr = arr.copy()
         return torch.from_numpy(np.ascontiguousarray(arr))
 
     preprocess = from_array

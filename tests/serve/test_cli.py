@@ -1,0 +1,136 @@
+"""The real command line: ``bdserve import`` for a foreign classifier, ``bdserve serve`` in a
+subprocess, tritonclient (http and grpc) unchanged against it, and SIGTERM -> exit 0 after
+finishing the request in flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import FOREIGN_CLASSES, encode, random_image
+
+# The installed console script when there is one (what users run), else the same entry point.
+_SCRIPT = Path(sys.executable).parent / "bdserve"
+BDSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bdserve.cli"]
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def cli_store(store, foreign_onnx, tmp_path_factory) -> Path:
+    s = tmp_path_factory.mktemp("cli") / "model_store"
+    shutil.copytree(store / "tiny", s / "tiny")
+    classes = s.parent / "classes.txt"
+    classes.write_text("\n".join(FOREIGN_CLASSES) + "\n")
+    r = subprocess.run([*BDSERVE, "import", str(foreign_onnx), "--model-store", str(s), "--name", "foreign",
+                        "--classes", str(classes), "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225",
+                        "--defense", "flip"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    card = json.loads((s / "foreign" / "card.json").read_text())
+    assert card["input_shape"] == [3, 64, 64] and card["classes"] == FOREIGN_CLASSES
+    assert card["normalization_in_graph"] is False and card["defense"] == "flip"
+    return s
+
+
+@pytest.fixture(scope="module")
+def cli_server(cli_store):
+    proc = subprocess.Popen(
+        [*BDSERVE, "serve", "--model-store", str(cli_store), "--http-port", "0", "--grpc-port", "0",
+         "--max-queue-delay-ms", "300", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines, addr = [], {}
+    deadline = time.time() + 90
+    while time.time() < deadline and len(addr) < 2:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("HTTP listening on "):
+            addr["http"] = line.split()[-1]
+        elif line.startswith("gRPC listening on "):
+            addr["grpc"] = line.split()[-1]
+    assert len(addr) == 2, "".join(lines)
+    rest: list[str] = []
+    t = threading.Thread(target=lambda: rest.extend(proc.stdout), daemon=True)
+    t.start()
+    yield proc, addr, lines, rest
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_import_refuses_a_wrong_class_count(foreign_onnx, tmp_path):
+    r = subprocess.run([*BDSERVE, "import", str(foreign_onnx), "--model-store", str(tmp_path), "--classes", "a,b"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "2 class names but the model outputs 7" in r.stderr
+
+
+def test_tritonclient_http_and_grpc_unchanged(cli_server, tmp_path, rng):
+    from bdserve.serve.pipeline import DefendedModel
+
+    proc, addr, lines, _ = cli_server
+    assert any("model foreign v1" in line and "defense flip" in line for line in lines), lines
+    x = rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    imgs = [encode(random_image(rng, 40, 60), "PNG"), encode(random_image(rng, 90, 30), "JPEG")]
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "x_images.npy", np.array(imgs, dtype=np.bytes_))
+    assert all(bytes(b) == i for b, i in zip(np.load(tmp_path / "x_images.npy"), imgs))  # no trailing NULs lost
+    http_target = addr["http"].removeprefix("http://")
+    r = subprocess.run([sys.executable, str(HERE / "triton_check.py"), http_target, addr["grpc"], str(tmp_path / "x.npy")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+
+    m = DefendedModel.load(proc_store(cli_server) / "tiny", threads=1)
+    expect = m.predict(torch.from_numpy(x))
+    assert out["http_live"] and out["http_ready"] and out["grpc_live"] and out["grpc_ready"]
+    assert out["http_server"] == out["grpc_server"] == "bdserve"
+    assert out["grpc_model_platform"] == "onnxruntime_onnx"
+    assert out["http_model_inputs"][0]["shape"] == [-1, 3, 32, 32]
+    assert out["http_defense"] == "flip"
+    for door in ("http", "grpc"):
+        assert np.allclose(out[f"{door}_probs"], expect.probs, atol=1e-5), door
+        assert out[f"{door}_labels"] == expect.labels
+    assert out["http_image_labels"] == m.predict(m.decode(imgs)).labels
+    assert "unknown model" in out["http_unknown"]
+    assert "INVALID_ARGUMENT" in out["grpc_bad"] and "expected shape" in out["grpc_bad"]
+
+
+def proc_store(cli_server) -> Path:
+    args = cli_server[0].args
+    return Path(args[args.index("--model-store") + 1])
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server, rng):
+    proc, addr, _, rest = cli_server
+    assert proc.poll() is None
+    x = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": x.reshape(-1).tolist()}]}
+    result = {}
+
+    def call():  # waits ~300 ms in the batcher's queue: in flight when SIGTERM lands
+        result["r"] = httpx.post(f"{addr['http']}/v2/models/tiny/infer", json=body, timeout=30)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert proc.wait(30) == 0, "".join(rest)
+    assert result["r"].status_code == 200, result["r"].text
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{addr['http']}/v2/health/live", timeout=2)
+    time.sleep(0.2)
+    assert "stopped" in "".join(rest)
