@@ -239,7 +239,12 @@ async def closed_loop(name: str, make_sender, clients: int, requests: int, durat
     request budget or the duration runs out. ``make_sender()`` returns (send(i) -> ok/err text, close)."""
     senders = [await make_sender() for _ in range(clients)]
     # Warm-up: connections, server-side caches and the first batches, not measured.
-    await asyncio.gather(*(senders[i % clients][0](i) for i in range(warmup)))
+    # One request at a time per connection (HTTP/1.1 without pipelining).
+    async def warm(send, k):
+        for i in range(k):
+            await send(i)
+
+    await asyncio.gather(*(warm(s, max(1, warmup // clients)) for s, _ in senders))
     lat: list[float] = []
     res = LoadResult(name=name, clients=clients)
     counter = iter(range(requests))
