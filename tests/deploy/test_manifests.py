@@ -328,6 +328,16 @@ def test_service_hpa_pdb_configmap_claim_point_at_real_objects():
         assert 1 <= hpas[0]["spec"]["minReplicas"] <= hpas[0]["spec"]["maxReplicas"]
 
 
+def test_every_claim_reference_exists():
+    pvc_names = {d["metadata"]["name"] for _, d in _docs_by_kind("PersistentVolumeClaim")}
+    specs = [d["spec"]["template"]["spec"] for _, d in _deployments()] + [d["spec"] for _, d in _docs_by_kind("Pod")]
+    assert len(specs) >= 3
+    for spec in specs:
+        for v in spec.get("volumes", []):
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in pvc_names
+
+
 @pytest.mark.parametrize("path,dep", _deployments(), ids=lambda x: _rel(x) if isinstance(x, Path) else "")
 def test_deployment_args_are_a_valid_bdserve_serve_command(path, dep):
     data = _configmap_data()
