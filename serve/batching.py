@@ -109,6 +109,8 @@ class Batcher:
         if len({t.dtype for t in xs}) > 1:
             # Photos arrive as uint8, tensors may be FP32: bring everything to float [0, 1] first.
             xs = [t.float().div(255) if t.dtype == torch.uint8 else t.float() for t in xs]
+        if len({t.device for t in xs}) > 1:  # GPU-decoded photos next to host tensors
+            xs = [t.to(self.model.device) for t in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         try:
             pred = await loop.run_in_executor(self._executor, lambda: self.model.predict(x, defense=defense))

@@ -12,6 +12,13 @@ Safety: the pixel count is checked from the header *before* any pixel is
 decoded (decompression bombs: a tiny PNG that declares 50000 x 50000), only the
 three formats above are tried, and truncated files are rejected rather than
 half-decoded (Pillow's LOAD_TRUNCATED_IMAGES stays off).
+
+On a GPU, JPEGs decode with nvjpeg (``torchvision.io.decode_jpeg(device="cuda")``)
+and are fitted there with the same cover/center-crop rule (bilinear,
+antialiased ``interpolate``), EXIF orientation applied from the header read by
+Pillow; pixel values may differ from the CPU path by a few levels. Anything the
+GPU path cannot do (PNG, WebP, a corrupt file) goes through Pillow, which also
+produces the error message.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_M
                 im = im.convert("RGB")
             if im.size != (w, h):
                 im = ImageOps.fit(im, (w, h), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
     except InvalidInput:
         raise
     except UnidentifiedImageError:
@@ -74,14 +81,76 @@ def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_M
     return arr
 
 
-def decode_images(blobs: list[bytes], size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Encoded images -> uint8 tensor (B, 3, H, W). An error names the failing element."""
+def decode_images(blobs: list[bytes], size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Encoded images -> uint8 tensor (B, 3, H, W). An error names the failing element.
+
+    With ``device``, JPEGs decode through torchvision onto that device (nvjpeg on CUDA)
+    and the batch is returned there; otherwise everything goes through Pillow on the CPU.
+    """
     if len(blobs) == 0:
         raise InvalidInput("no images in the request")
     out = []
     for i, blob in enumerate(blobs):
         try:
-            out.append(decode_image(blob, size, max_pixels))
+            t = decode_image_tensor(blob, size, max_pixels, device) if device is not None else None
+            if t is None:
+                t = torch.from_numpy(decode_image(blob, size, max_pixels)).permute(2, 0, 1)
+                if device is not None:
+                    t = t.to(device)
+            out.append(t)
         except InvalidInput as e:
             raise type(e)(f"image {i}: {e}" if len(blobs) > 1 else str(e)) from None
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+    return torch.stack(out).contiguous()
+
+
+# EXIF orientation -> the same transposition Pillow's exif_transpose applies, on (C, H, W).
+_ORIENT = {
+    2: lambda t: t.flip(-1),
+    3: lambda t: t.flip(-1).flip(-2),
+    4: lambda t: t.flip(-2),
+    5: lambda t: t.transpose(-1, -2),
+    6: lambda t: torch.rot90(t, -1, (-2, -1)),
+    7: lambda t: t.transpose(-1, -2).flip(-1).flip(-2),
+    8: lambda t: torch.rot90(t, 1, (-2, -1)),
+}
+
+
+def fit_tensor(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (C, h, w) -> uint8 (C, H, W): cover-fit (bilinear, antialiased) then center-crop."""
+    h, w = size
+    ih, iw = t.shape[-2:]
+    if (ih, iw) == (h, w):
+        return t
+    # Like ImageOps.fit: crop the source to the target's aspect ratio (centered), then resize.
+    if iw * h > ih * w:
+        cw = max(1, round(ih * w / h))
+        t = t[..., :, (iw - cw) // 2:(iw - cw) // 2 + cw]
+    else:
+        ch = max(1, round(iw * h / w))
+        t = t[..., (ih - ch) // 2:(ih - ch) // 2 + ch, :]
+    x = torch.nn.functional.interpolate(t[None].float(), size=(h, w), mode="bilinear",
+                                        antialias=True, align_corners=False)[0]
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_image_tensor(blob: bytes, size: tuple[int, int], max_pixels: int,
+                        device: torch.device) -> torch.Tensor | None:
+    """A JPEG decoded by torchvision on ``device`` and fitted there; None when this path does
+    not apply or fails (the caller then uses Pillow, which also words the error)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's bomb warning; torchvision's deprecation notice
+            im = Image.open(io.BytesIO(blob), formats=FORMATS)  # the header only: size, format, EXIF
+            width, height = im.size
+            if im.format != "JPEG" or width * height > max_pixels:
+                return None
+            orientation = im.getexif().get(0x0112, 1)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            t = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except Exception:  # noqa: BLE001 - any failure: the Pillow path decides
+        return None
+    t = _ORIENT.get(orientation, lambda t: t)(t)
+    return fit_tensor(t, size)

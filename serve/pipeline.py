@@ -70,6 +70,8 @@ class DefendedModel:
         self.lab = lab
         self.detect = detect
         self.max_pixels = max_pixels
+        # Where JPEGs decode: on the GPU (nvjpeg) when the model's device is one, else Pillow on the CPU.
+        self.decode_device: torch.device | None = device if device.type == "cuda" else None
         c, h, w = card.input_shape
         self.channels = int(c)
         self.input_size = (int(h), int(w))
@@ -152,8 +154,11 @@ class DefendedModel:
 
     # ----------------------------------------------------------- preprocessing
     def decode(self, blobs: list[bytes]) -> torch.Tensor:
-        """Encoded images -> uint8 (B, 3, H, W) at the model's input size (see bdserve.serve.images)."""
-        return decode_images(blobs, self.input_size, self.max_pixels)
+        """Encoded images -> uint8 (B, 3, H, W) at the model's input size (see bdserve.serve.images).
+
+        Fit: scale to cover the input (aspect kept, bilinear), then center-crop. On a CUDA
+        model, JPEGs decode on the GPU and the tensor is returned there."""
+        return decode_images(blobs, self.input_size, self.max_pixels, self.decode_device)
 
     def from_array(self, arr: np.ndarray) -> torch.Tensor:
         """A raw UINT8 (0..255) or FP32 ([0, 1]) array (B, 3, H, W) -> tensor, validated.

@@ -107,7 +107,12 @@ class TorchScriptRuntime(Runtime):
 
     def __init__(self, path: str | Path, device: torch.device):
         self.device = device
-        self.module = torch.jit.load(str(path), map_location=device)
+        import warnings
+
+        with warnings.catch_warnings():
+            # Recent torch marks TorchScript deprecated; it still loads, and it never unpickles.
+            warnings.simplefilter("ignore", FutureWarning)
+            self.module = torch.jit.load(str(path), map_location=device)
         self.module.eval()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,11 @@ def store(tmp_path_factory) -> Path:
     tiny = store / "tiny"
     tiny.mkdir(parents=True)
     torch.manual_seed(0)
-    export_onnx(TinyNet(), tiny / "model.onnx", (32, 32))
+    net = TinyNet().eval()
+    export_onnx(net, tiny / "model.onnx", (32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still served
+        torch.jit.trace(net, torch.zeros(1, 3, 32, 32)).save(str(tiny / "model.pt"))
     ModelCard(name="tiny", version="3", architecture="tinynet", input_shape=[3, 32, 32],
               classes=TINY_CLASSES, defense="flip").save(tiny)
     # A foreign classifier: torchvision's MobileNetV3-small, 7 classes, 64x64, ImageNet

@@ -156,3 +156,46 @@ def test_postprocess_top_k(tiny_model, rng):
     docs = tiny_model.postprocess(p, top_k=3)
     assert len(docs) == 2 and all(len(d) == 3 for d in docs)
     assert list(docs[0])[0] == p.labels[0]
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_tensor_decode_path_matches_pillow(tiny_model, rng, orientation):
+    """The GPU decode path (torchvision decode_jpeg + tensor fit + EXIF from the header), run
+    here on the CPU: same geometry as Pillow's, pixels within a few levels."""
+    from bdserve.serve.images import decode_image_tensor
+
+    arr = random_image(rng, 96, 160)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95, exif=exif)
+    jpeg = buf.getvalue()
+    pil = torch.from_numpy(decode_image(jpeg, (32, 32))).permute(2, 0, 1).float()
+    tv = decode_image_tensor(jpeg, (32, 32), 10**7, torch.device("cpu"))
+    assert tv is not None and tv.shape == (3, 32, 32) and tv.dtype == torch.uint8
+    assert (tv.float() - pil).abs().mean() < 6
+    assert decode_image_tensor(encode(arr, "PNG"), (32, 32), 10**7, torch.device("cpu")) is None  # PNG: Pillow's job
+
+
+def test_decode_device_batches_mix_paths(served_store, rng):
+    m = DefendedModel.load(served_store / "tiny", threads=1)
+    m.decode_device = torch.device("cpu")  # what a CUDA model does, minus the GPU
+    x = m.decode([encode(random_image(rng, 64, 64), "JPEG"), encode(random_image(rng, 20, 40), "PNG")])
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8
+    with pytest.raises(InvalidInput, match="image 1: .*truncated|corrupt"):
+        m.decode([encode(random_image(rng, 64, 64), "JPEG"), encode(random_image(rng, 64, 64), "JPEG")[:200]])
+
+
+def test_torchscript_backend_agrees_with_onnx(served_store, tiny_model, rng):
+    ts = DefendedModel.load(served_store / "tiny", backend="torchscript", lab=True)
+    assert ts.backend == "torchscript" and ts.runtime_device == "cpu"
+    x = torch.from_numpy(rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    assert np.allclose(ts.predict(x, defense="flip").probs, tiny_model.predict(x, defense="flip").probs, atol=1e-5)
+    with pytest.raises(FileNotFoundError):
+        DefendedModel.load(served_store / "foreign", backend="torchscript")
+
+
+def test_runtime_reports_the_provider_it_got(tiny_model):
+    # No GPU here: the session must say CPU, and the model must report the CPU as its device.
+    assert tiny_model.runtime.providers[-1] == "CPUExecutionProvider"
+    assert tiny_model.runtime_device == ("cuda:0" if tiny_model.runtime.providers[0] == "CUDAExecutionProvider" else "cpu")
