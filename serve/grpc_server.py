@@ -96,7 +96,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context):
-        with self.service.observe(request.model_name, PROTOCOL) as box:
+        with self.service.observe(request.model_name, PROTOCOL, ok_code="OK") as box:
             try:
                 return await self._infer(request)
             except InvalidInput as e:

@@ -130,7 +130,7 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
 
     @app.post("/predictions/{name}")
     async def predictions(name: str, request: Request):
-        with service.observe(name, "torchserve") as box:
+        with service.observe(name, PROTOCOL) as box:  # an HTTP route like the others
             try:
                 return await _predictions(service, name, request)
             except InvalidInput as e:

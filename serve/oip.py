@@ -121,6 +121,8 @@ def from_json(datatype: str, shape: list[int], data) -> np.ndarray | list[bytes]
             raise InvalidInput("input contains NaN or Inf")
         if arr.min() < info.min or arr.max() > info.max:
             raise InvalidInput(f"values out of range for {datatype} ({info.min}..{info.max})")
+        if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+            raise InvalidInput(f"{datatype} input holds non-integer values (send FP32 for values in [0, 1])")
     return arr.astype(target).reshape(shape)
 
 

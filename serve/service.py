@@ -117,9 +117,10 @@ class InferenceService:
             gauge.dec()
 
     @contextmanager
-    def observe(self, model_name: str, protocol: str):
-        """Time a request and count it with its status code; the transport sets ``box['code']``."""
-        box = {"code": "200"}
+    def observe(self, model_name: str, protocol: str, ok_code: str = "200"):
+        """Time a request and count it with its status code (HTTP status, or gRPC code name);
+        the transport sets ``box['code']`` when the request fails."""
+        box = {"code": ok_code}
         t0 = time.perf_counter()
         try:
             yield box
