@@ -73,6 +73,11 @@ class BdserveHandler:
                 raise InvalidInput("empty body: send an image (JPEG, PNG or WebP) as the body or field 'data'")
             return body
         if body is None:
+            if row:  # TorchServe split a form-urlencoded body (curl --data-binary's default type) into fields
+                raise InvalidInput(
+                    "no image: TorchServe parsed the body as form fields; send the image with "
+                    "Content-Type image/jpeg (or application/octet-stream), or as the multipart field 'data'"
+                )
             raise InvalidInput("no image: send it as the request body or the multipart field 'data'")
         # TorchServe has already decoded JSON/text bodies: they cannot be an image upload.
         raise InvalidInput(

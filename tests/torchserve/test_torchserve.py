@@ -177,8 +177,9 @@ def test_multipart_field_data_is_accepted(torchserve, reference, images):
         (None, {}, "truncated"),  # filled in below: a PNG cut in half
         (b'{"inputs": []}', {"content-type": "application/json"}, "expected an encoded image"),
         (b"", {}, "empty"),
+        (b"a=1&b=2", {"content-type": "application/x-www-form-urlencoded"}, "form fields"),
     ],
-    ids=["garbage", "truncated", "json", "empty"],
+    ids=["garbage", "truncated", "json", "empty", "form-urlencoded"],
 )
 def test_bad_input_is_a_4xx_and_the_worker_keeps_serving(torchserve, reference, images, body, headers, needle):
     url = f"{torchserve.inference_url}/predictions/tiny"
