@@ -30,6 +30,7 @@ class _Item:
     x: torch.Tensor
     defense: str | None
     future: asyncio.Future
+    enqueued: float  # loop time
 
     @property
     def n(self) -> int:
@@ -58,8 +59,9 @@ class Batcher:
         """Queue a (B, 3, H, W) batch; returns its Prediction once its batch has run."""
         if self._closing:
             raise RuntimeError("server is shutting down")
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(x, defense, fut))
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append(_Item(x, defense, fut, loop.time()))
         self._wakeup.set()
         return await fut
 
@@ -80,8 +82,9 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            deadline = loop.time() + self.delay
-            # Wait for company until the batch is full or the first request has waited long enough.
+            # Wait for company until the batch is full or the oldest request has waited long
+            # enough (counted from its arrival: under load it already waited for the last batch).
+            deadline = self._pending[0].enqueued + self.delay
             while sum(i.n for i in self._pending) < self.max_batch_size and not self._closing:
                 left = deadline - loop.time()
                 if left <= 0:

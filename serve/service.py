@@ -22,7 +22,7 @@ from bdserve.serve.pipeline import DefendedModel, Prediction
 
 SERVER_NAME = "bdserve"
 SERVER_VERSION = _version if isinstance(_version, str) else "0"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data"]
 
 # Inputs the model metadata advertises. The tensor input takes UINT8 or FP32.
 TENSOR_INPUT = "input"
