@@ -73,7 +73,7 @@ class _Residual(nn.Module):
 
 
 @register_model
-def fast(num_classes: int = 10, width: int = 32) -> nn.Module:
+def fast(num_classes: int = 10, width: int = 16) -> nn.Module:
     """Prep -> (conv, pool, residual) -> (conv, pool) -> (conv, pool, residual) -> max-pool -> linear."""
     w = width
     return nn.Sequential(

@@ -5,15 +5,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from bdserve.card import ModelCard
-from bdserve.settings import data_dir, pick_device
+from bdserve.settings import cache_dir, data_dir, pick_device
 from bdserve.training import export
 from bdserve.training.consistent import pgd_perturb
 from bdserve.training.data import ImageSet, class_index, load_split
@@ -80,7 +82,18 @@ def build_attack(cfg: TrainConfig, classes: list[str], image_size: int) -> Attac
 
 
 def label_consistent_images(cfg: TrainConfig, train_set: ImageSet, attack: AttackConfig, device) -> torch.Tensor:
-    """Train a clean surrogate, then PGD-perturb the images the attack will poison."""
+    """Train a clean surrogate, then PGD-perturb the images the attack will poison.
+
+    The result depends only on the data, the surrogate's recipe and the seed, so it is
+    cached (safetensors) and shared by a consistent attack and its enhanced version.
+    """
+    key = hashlib.sha256(json.dumps([
+        cfg.data, cfg.subset, cfg.seed, cfg.model, cfg.schedule, cfg.epochs, cfg.surrogate_epochs, cfg.target,
+        attack.poison_rate, attack.pgd_eps, attack.pgd_steps, len(train_set), int(train_set.images[:64].sum()),
+    ]).encode()).hexdigest()[:16]
+    cached = cache_dir() / f"consistent-pgd-{key}.safetensors"
+    if cached.exists():
+        return load_file(str(cached))["images"]
     surrogate = create_model(cfg.model if cfg.model != "resnet34" else "fast", num_classes=len(train_set.classes))
     schedule_name = cfg.schedule or default_schedule(cfg.model)
     epochs = cfg.surrogate_epochs or max(1, (cfg.epochs or SCHEDULES[schedule_name].epochs) // 2)
@@ -89,8 +102,10 @@ def label_consistent_images(cfg: TrainConfig, train_set: ImageSet, attack: Attac
     train(surrogate, train_set, clean, schedule, device=device, seed=cfg.seed + 1, precision=cfg.precision,
           description="surrogate (clean)")
     mask = choose_poisoned(train_set.labels, attack, cfg.seed)
-    return pgd_perturb(surrogate, train_set.images[mask], train_set.labels[mask], eps=attack.pgd_eps,
-                       steps=attack.pgd_steps, device=device, seed=cfg.seed)
+    perturbed = pgd_perturb(surrogate, train_set.images[mask], train_set.labels[mask], eps=attack.pgd_eps,
+                            steps=attack.pgd_steps, device=device, seed=cfg.seed)
+    save_file({"images": perturbed}, str(cached))
+    return perturbed
 
 
 def run(cfg: TrainConfig, out: str | Path | None = None, log=print) -> TrainOutcome:

@@ -124,8 +124,10 @@ def train(
             opt, [m * steps_per_epoch for m in schedule.milestones], gamma=0.1
         )
     else:
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=schedule.lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="linear"
+        # One cycle: linear warm-up over the first quarter, then linear decay to zero.
+        warm = max(1, total_steps // 4)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm))
         )
 
     start = time.perf_counter()
