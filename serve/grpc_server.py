@@ -104,7 +104,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await self._abort(context, e)
             except Exception:
                 box["code"] = "INTERNAL"
-                raise
+                log.exception("internal error serving model %s", request.model_name)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged on the server)")
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         model = self.service.get(request.model_name, request.model_version)

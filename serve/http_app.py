@@ -73,6 +73,11 @@ def _error(e: InvalidInput) -> JSONResponse:
     return JSONResponse({"error": str(e)}, status_code=e.http_status)
 
 
+def _internal(model: str) -> JSONResponse:
+    log.exception("internal error serving model %s", model)
+    return JSONResponse({"error": "internal server error (logged on the server)"}, status_code=500)
+
+
 def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
     app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -126,7 +131,7 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
                 return _error(e)
             except Exception:
                 box["code"] = "500"
-                raise
+                return _internal(name)
 
     @app.post("/predictions/{name}")
     async def predictions(name: str, request: Request):
@@ -138,7 +143,7 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
                 return _error(e)
             except Exception:
                 box["code"] = "500"
-                raise
+                return _internal(name)
 
     return BodyLimit(app, max_body_bytes)
 

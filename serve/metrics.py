@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the HTTP app)
 
 UNKNOWN_MODEL = "_unknown"
+OTHER_DEFENSE = "_other"
+_MAX_DEFENSE_LABELS = 16  # lab-mode clients choose defenses: keep the label set bounded
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -31,6 +33,7 @@ class Metrics:
         self.batch_size = Histogram("bdserve_batch_size", "Images per executed batch", ["model"],
                                     buckets=_BATCH, registry=r)
         self.inflight = Gauge("bdserve_inflight_requests", "Requests being processed", ["model"], registry=r)
+        self._defense_labels: dict[str, set[str]] = {}
         self.model_info = Info("bdserve_model", "Served model", ["model"], registry=r)
         self.predictions = Counter("bdserve_predictions", "Top-1 predictions by class", ["model", "label"], registry=r)
         self.suspected = Counter("bdserve_suspected_triggers",
@@ -52,12 +55,22 @@ class Metrics:
 
     def observe_batch(self, model, size: int, pred) -> None:
         self.batch_size.labels(model=model.name).observe(size)
-        self.defense_duration.labels(model=model.name, defense=pred.defense).observe(pred.timings.get("defense", 0.0))
+        self.defense_duration.labels(model=model.name, defense=self._defense_label(model, pred.defense)).observe(
+            pred.timings.get("defense", 0.0))
         self.inference_duration.labels(model=model.name, backend=model.backend).observe(pred.timings.get("inference", 0.0))
         for label in pred.labels:
             self.predictions.labels(model=model.name, label=label).inc()
         if pred.suspected is not None:
             self.suspected.labels(model=model.name).inc(int(pred.suspected.sum()))
+
+    def _defense_label(self, model, spec: str) -> str:
+        seen = self._defense_labels.setdefault(model.name, {model.defense_spec})
+        if spec in seen:
+            return spec
+        if len(seen) < _MAX_DEFENSE_LABELS:
+            seen.add(spec)
+            return spec
+        return OTHER_DEFENSE
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

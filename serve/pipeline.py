@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # FP32 inputs must lie in [0, 1]; allow float rounding from clients that divided by 255.
 _RANGE_SLACK = 1e-3
+_MAX_CACHED_DEFENSES = 32
 
 
 @dataclass
@@ -198,6 +199,14 @@ class DefendedModel:
         except ValueError as e:
             raise InvalidInput(f"bad defense {spec!r}: {e}") from None
         d = d.to(self.device).eval()
+        try:  # e.g. shrinkpad:40 on a 32x32 model: refuse now, not halfway through a batch
+            with torch.inference_mode():
+                d(torch.zeros((1, self.channels, *self.input_size), device=self.device))
+        except (ValueError, RuntimeError) as e:
+            raise InvalidInput(f"defense {d.spec!r} cannot run on this model's {self.input_size[0]}x"
+                               f"{self.input_size[1]} input: {e}") from None
+        if len(self._defenses) >= _MAX_CACHED_DEFENSES:  # lab clients may name endless variants
+            return self._defenses.get(d.spec, d)
         return self._defenses.setdefault(d.spec, d)
 
     def resolve_defense(self, spec: str | None) -> torch.nn.Module:

@@ -280,6 +280,10 @@ def test_lab_mode_and_detect(lab_server, server, tiny_model, rng):
     assert after - before == disagree.sum()
     bad = httpx.post(f"{lab_server.http_url}/v2/models/tiny/infer", json={**body, "parameters": {"defense": "warp:9"}})
     assert bad.status_code == 400 and "bad defense" in bad.json()["error"]
+    bad = httpx.post(f"{lab_server.http_url}/v2/models/tiny/infer", json={**body, "parameters": {"defense": "shrinkpad:99"}})
+    assert bad.status_code == 400 and "cannot run" in bad.json()["error"]
+    bad = httpx.post(f"{lab_server.http_url}/v2/models/tiny/infer", json={**body, "parameters": {"defense": 5}})
+    assert bad.status_code == 400 and "must be a string" in bad.json()["error"]
 
 
 def test_foreign_model_over_http(server, served_store, rng):

@@ -199,3 +199,11 @@ def test_runtime_reports_the_provider_it_got(tiny_model):
     # No GPU here: the session must say CPU, and the model must report the CPU as its device.
     assert tiny_model.runtime.providers[-1] == "CPUExecutionProvider"
     assert tiny_model.runtime_device == ("cuda:0" if tiny_model.runtime.providers[0] == "CUDAExecutionProvider" else "cpu")
+
+
+def test_defense_that_cannot_run_on_the_input_is_refused(served_store, tiny_model, rng):
+    with pytest.raises(InvalidInput, match="cannot run on this model's 32x32 input"):
+        DefendedModel.load(served_store / "tiny", defense="shrinkpad:40", threads=1)
+    with pytest.raises(InvalidInput, match="cannot run"):
+        tiny_model.predict(torch.zeros(1, 3, 32, 32), defense="shrinkpad:32")
+    assert tiny_model.predict(torch.zeros(1, 3, 32, 32), defense="shrinkpad:31").defense == "shrinkpad:31"
