@@ -78,7 +78,7 @@ def pick_model_dir(arg: str | None, workdir: Path) -> Path:
         return demo
     # No demo model yet: the tests' tiny CNN (Normalize inside, dynamic batch axis).
     sys.path.insert(0, str(REPO / "tests" / "torchserve"))
-    from conftest import build_tiny_model_dir  # noqa: E402
+    from ts_helpers import build_tiny_model_dir  # noqa: E402
 
     return build_tiny_model_dir(workdir / "models" / "tiny", name="tiny")
 

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import bdserve_cli, sample_images
+from ts_helpers import bdserve_cli, sample_images
 
 pytestmark = pytest.mark.slow
 
