@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from bdserve.serve.errors import Overloaded
+
 log = logging.getLogger(__name__)
 
 
@@ -39,9 +41,11 @@ class _Item:
 
 class Batcher:
     def __init__(self, model, *, max_batch_size: int = 32, max_queue_delay_ms: float = 5.0,
-                 on_batch: Callable | None = None):
+                 max_queue_images: int = 4096, on_batch: Callable | None = None):
         self.model = model
         self.max_batch_size = max(1, int(max_batch_size))
+        self.max_queue_images = max(1, int(max_queue_images))
+        self._queued_images = 0
         self.delay = max(0.0, float(max_queue_delay_ms)) / 1000.0
         self.on_batch = on_batch
         self._pending: deque[_Item] = deque()
@@ -58,12 +62,20 @@ class Batcher:
     async def submit(self, x: torch.Tensor, defense: str | None = None):
         """Queue a (B, 3, H, W) batch; returns its Prediction once its batch has run."""
         if self._closing:
-            raise RuntimeError("server is shutting down")
+            raise Overloaded("the server is shutting down")
+        if self._queued_images + int(x.shape[0]) > self.max_queue_images:
+            # Bounded memory under overload: refuse now rather than queue without end.
+            raise Overloaded(f"model {self.model.name} has {self._queued_images} images queued "
+                             f"(limit {self.max_queue_images}); retry later")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append(_Item(x, defense, fut, loop.time()))
+        self._queued_images += int(x.shape[0])
         self._wakeup.set()
-        return await fut
+        try:
+            return await fut
+        finally:
+            self._queued_images -= int(x.shape[0])
 
     async def close(self) -> None:
         """Finish everything queued, then stop the worker."""

@@ -2,14 +2,29 @@
 
 Every transport maps these the same way: the HTTP status and the gRPC status code
 live on the class, and the message (``str(err)``) says what was wrong, so a client
-sees the same explanation through every door. Anything that is *not* an
-``InvalidInput`` is a server fault.
+sees the same explanation through every door. ``InvalidInput`` (and its
+subclasses) is the client's doing; ``Overloaded`` is the server declining work it
+cannot queue. Anything that is not a ``ServeError`` is a server fault (500 / INTERNAL).
 """
 
 from __future__ import annotations
 
 
-class InvalidInput(ValueError):
+class ServeError(Exception):
+    """An answer other than a prediction that the client should see, with its status."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+
+class Overloaded(ServeError):
+    """The model's queue is full (HTTP 503, gRPC UNAVAILABLE): retry later."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class InvalidInput(ServeError, ValueError):
     """A request the server refuses because of what the client sent (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
     http_status = 400

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from bdserve.serve import oip
-from bdserve.serve.errors import InvalidInput
+from bdserve.serve.errors import InvalidInput, ServeError
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
@@ -65,7 +65,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: InferenceService):
         self.service = service
 
-    async def _abort(self, context, e: InvalidInput):
+    async def _abort(self, context, e: ServeError):
         await context.abort(getattr(grpc.StatusCode, e.grpc_code), str(e))
 
     async def ServerLive(self, request, context):
@@ -77,7 +77,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             self.service.get(request.name, request.version)
-        except InvalidInput as e:
+        except ServeError as e:
             await self._abort(context, e)
         return pb.ModelReadyResponse(ready=self.service.ready)
 
@@ -87,7 +87,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         try:
             meta = self.service.metadata(self.service.get(request.name, request.version))
-        except InvalidInput as e:
+        except ServeError as e:
             await self._abort(context, e)
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -99,7 +99,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         with self.service.observe(request.model_name, PROTOCOL, ok_code="OK") as box:
             try:
                 return await self._infer(request)
-            except InvalidInput as e:
+            except ServeError as e:
                 box["code"] = e.grpc_code
                 await self._abort(context, e)
             except Exception:

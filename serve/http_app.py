@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bdserve.serve import oip
-from bdserve.serve.errors import InvalidInput, NotFound, PayloadTooLarge
+from bdserve.serve.errors import InvalidInput, PayloadTooLarge, ServeError
 from bdserve.serve.metrics import CONTENT_TYPE_LATEST
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
 
@@ -69,7 +69,7 @@ class BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
-def _error(e: InvalidInput) -> JSONResponse:
+def _error(e: ServeError) -> JSONResponse:
     return JSONResponse({"error": str(e)}, status_code=e.http_status)
 
 
@@ -83,8 +83,8 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     app.state.service = service
     app.state.max_body = max_body_bytes
 
-    @app.exception_handler(InvalidInput)
-    async def _invalid(request: Request, e: InvalidInput):
+    @app.exception_handler(ServeError)
+    async def _invalid(request: Request, e: ServeError):
         return _error(e)
 
     @app.exception_handler(StarletteHTTPException)
@@ -126,7 +126,7 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         with service.observe(name, PROTOCOL) as box:
             try:
                 return await _infer(service, name, version, request)
-            except InvalidInput as e:
+            except ServeError as e:
                 box["code"] = str(e.http_status)
                 return _error(e)
             except Exception:
@@ -138,7 +138,7 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         with service.observe(name, PROTOCOL) as box:  # an HTTP route like the others
             try:
                 return await _predictions(service, name, request)
-            except InvalidInput as e:
+            except ServeError as e:
                 box["code"] = str(e.http_status)
                 return _error(e)
             except Exception:

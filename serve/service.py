@@ -2,7 +2,8 @@
 
 A transport turns its wire format into a tensor (``to_tensor``), awaits
 ``infer``, and turns the Prediction back into its wire format. Lookup errors,
-bad inputs and refused defenses arrive as ``InvalidInput`` subclasses.
+bad inputs and refused defenses arrive as ``InvalidInput`` subclasses, a full queue as
+``Overloaded`` (all ``ServeError``).
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ OUTPUT_SUSPECTED = "suspected_trigger"
 
 class InferenceService:
     def __init__(self, models: dict[str, DefendedModel], *, max_batch_size: int = 32,
-                 max_queue_delay_ms: float = 5.0, metrics: Metrics | None = None):
+                 max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None):
         if not models:
             raise ValueError("no models to serve")
         self.models = models
         self.metrics = metrics or Metrics()
         self.batchers = {
             name: Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                          on_batch=self.metrics.observe_batch)
+                          max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch)
             for name, m in models.items()
         }
         for m in models.values():

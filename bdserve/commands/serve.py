@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto (CUDA when usable), cpu, cuda, cuda:1 ..."),
         max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most images per executed batch."),
         max_queue_delay_ms: float = typer.Option(5.0, "--max-queue-delay-ms", help="Longest a request waits for batch-mates."),
+        max_queue: int = typer.Option(4096, "--max-queue", help="Most images queued per model; beyond, requests get 503 / UNAVAILABLE."),
         detect: bool = typer.Option(False, "--detect", help="Also predict the undefended input; flag and count disagreements as suspected triggers (a second forward pass)."),
         lab: bool = typer.Option(False, "--lab", help="Evaluation lab: let requests choose the defense (parameter 'defense'). Never in production."),
         max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
@@ -53,7 +54,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
                        f"{', lab' if lab else ''}{', detect' if detect else ''}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
-        service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms)
+        service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                                   max_queue_images=max_queue)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level)
         code = asyncio.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))

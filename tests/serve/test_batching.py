@@ -75,3 +75,50 @@ def test_both_doors_share_one_batcher_and_defenses_are_grouped(lab_server, tiny_
     assert delta("bdserve_defense_duration_seconds_count", model="tiny", defense="flip") >= 1
     assert delta("bdserve_requests_total", model="tiny", protocol="grpc", code="OK") == 16
     assert delta("bdserve_requests_total", model="tiny", protocol="http", code="200") == 16
+
+
+class _SlowModel:
+    """Stands in for DefendedModel: records batch sizes, takes a while."""
+
+    name = "slow"
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.batches = []
+
+    def predict(self, x, *, defense=None):
+        import time
+
+        from bdserve.serve.pipeline import Prediction
+
+        time.sleep(0.05)
+        self.batches.append((int(x.shape[0]), defense))
+        b = x.shape[0]
+        return Prediction(np.full((b, 2), 0.5, np.float32), np.zeros(b, np.int64), ["a"] * b, defense or "flip")
+
+
+def test_batcher_limits_and_splits():
+    from bdserve.serve.batching import Batcher
+    from bdserve.serve.errors import Overloaded
+
+    model = _SlowModel()
+
+    async def main():
+        b = Batcher(model, max_batch_size=4, max_queue_delay_ms=20, max_queue_images=10)
+        b.start()
+        one = torch.zeros(1, 3, 2, 2)
+        tasks = [asyncio.create_task(b.submit(one)) for _ in range(10)]
+        await asyncio.sleep(0)
+        with __import__("pytest").raises(Overloaded, match="limit 10"):
+            await b.submit(one)
+        results = await asyncio.gather(*tasks)
+        big = await b.submit(torch.zeros(9, 3, 2, 2))  # larger than a batch: runs alone
+        mixed = await asyncio.gather(b.submit(one, "none"), b.submit(one), b.submit(one, "none"))
+        await b.close()
+        return results, big, mixed
+
+    results, big, mixed = asyncio.run(main())
+    assert [len(r) for r in results] == [1] * 10 and len(big) == 9
+    assert model.batches[:4] == [(4, None), (4, None), (2, None), (9, None)]
+    assert sorted(model.batches[4:], key=str) == sorted([(2, "none"), (1, None)], key=str)
+    assert [m.defense for m in mixed] == ["none", "flip", "none"]

@@ -123,13 +123,28 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server, rng):
     def call():  # waits ~300 ms in the batcher's queue: in flight when SIGTERM lands
         result["r"] = httpx.post(f"{addr['http']}/v2/models/tiny/infer", json=body, timeout=30)
 
-    t = threading.Thread(target=call)
-    t.start()
-    time.sleep(0.1)
+    def call_grpc():
+        import grpc
+
+        from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
+        from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
+        req = pb.ModelInferRequest(model_name="tiny")
+        req.inputs.add(name="input", datatype="UINT8", shape=[1, 3, 32, 32])
+        req.raw_input_contents.append(x.tobytes())
+        with grpc.insecure_channel(addr["grpc"]) as ch:
+            result["g"] = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+
+    threads = [threading.Thread(target=call), threading.Thread(target=call_grpc)]
+    for t in threads:
+        t.start()
+    time.sleep(0.15)
     proc.send_signal(signal.SIGTERM)
-    t.join(30)
+    for t in threads:
+        t.join(30)
     assert proc.wait(30) == 0, "".join(rest)
     assert result["r"].status_code == 200, result["r"].text
+    assert len(result["g"].outputs) == 2
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{addr['http']}/v2/health/live", timeout=2)
     time.sleep(0.2)
