@@ -104,8 +104,12 @@ async def soak(srv: BdserveProcess, model: str, input_shape: list[int], clients:
     stop_at = [float("inf")]
     measuring = [False]
 
+    warmup_errors: list[str] = []
+
     def record(kind: str, err: str | None, dt: float) -> None:
         if not measuring[0]:
+            if err is not None:  # warm-up answers are not timed, but a failure still fails the soak
+                warmup_errors.append(f"{kind}: {err[:300]}")
             return
         counts[kind] += 1
         if err is None:
@@ -135,10 +139,10 @@ async def soak(srv: BdserveProcess, model: str, input_shape: list[int], clients:
                         if status != 200:
                             err = f"HTTP {status}: {body[:200]!r}"
                     elif kind == "http_tensor":
-                        n, body = infer_bodies[i % len(infer_bodies)]
+                        hlen, body = infer_bodies[i % len(infer_bodies)]
                         status, _, resp = await conn.request(
                             "POST", f"/v2/models/{model}/infer", body,
-                            {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(n)})
+                            {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hlen)})
                         if status != 200:
                             err = f"HTTP {status}: {resp[:200]!r}"
                     else:
@@ -180,9 +184,10 @@ async def soak(srv: BdserveProcess, model: str, input_shape: list[int], clients:
         "duration_s": elapsed,
         "requests": total,
         "requests_by_kind": dict(counts),
-        "errors": sum(errors.values()),
+        "errors": sum(errors.values()) + len(warmup_errors),
+        "warmup_errors": len(warmup_errors),
         "errors_by_kind": dict(errors),
-        "error_samples": error_samples,
+        "error_samples": error_samples + warmup_errors[:5],
         "throughput_req_s": total / elapsed if elapsed else 0.0,
         "latency_ms": pct,
         "mean_batch": mean_batch,
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.sample_every, args.warmup))
         alive = srv.proc.poll() is None
     res["server_alive_at_end"] = alive
+    res["warmup_s"] = args.warmup
     passed = res["errors"] == 0 and res["rss_growth"] < MAX_RSS_GROWTH and alive
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -259,7 +265,8 @@ def render(r: dict) -> str:
         f"{r['clients']} concurrent clients for {r['duration_s']:.0f} s: half JPEG photos (32x32 to 1600x1200) "
         f"to /predictions, a quarter UINT8 tensors over HTTP binary infer, a quarter over gRPC.\n{note}\n"
         "| kind | requests | errors | p50 (ms) | p99 (ms) |\n|---|---|---|---|---|\n" + rows +
-        f"\nTotal {r['requests']} requests, {r['throughput_req_s']:.0f} req/s, **{r['errors']} errors**, "
+        f"\nTotal {r['requests']} requests, {r['throughput_req_s']:.0f} req/s, **{r['errors']} errors** "
+        f"({r['warmup_errors']} of them during the {r['warmup_s']:.0f} s warm-up), "
         f"mean executed batch {mb}.\n\n"
         f"Server RSS (process + children): {r['rss_start_mb']:.0f} MiB after warm-up, {r['rss_end_mb']:.0f} MiB "
         f"at the end (peak {r['rss_peak_mb']:.0f} MiB): **growth {100 * r['rss_growth']:+.1f}%** "
