@@ -77,6 +77,7 @@ def build_archive(
     workers: int = 1,
     response_timeout_s: int = 120,
     force: bool = True,
+    check: bool = True,
     status: Callable[[str], None] | None = None,
 ) -> ArchiveResult:
     """Write ``<out_dir>/<name>.mar`` (default: inside the model directory, beside model.onnx)."""
@@ -108,6 +109,16 @@ def build_archive(
             create_defense(defense)  # fail here, not in the TorchServe worker
         except ValueError as e:
             raise ArchiveError(f"--defense: {e}") from None
+    if check:
+        # Build the very pipeline the handler will build: a model or card it cannot load,
+        # or a defense that cannot run on this input size, fails now and not in a worker loop.
+        say(f"checking that {model_dir} loads with defense {defense or 'from the card'}")
+        from bdserve.serve.pipeline import DefendedModel
+
+        try:
+            DefendedModel.load(model_dir, defense=defense, device="cpu")
+        except Exception as e:  # noqa: BLE001 - any load failure means an unusable archive
+            raise ArchiveError(f"{model_dir} does not load as a bdserve model: {e}") from None
     if batch_size < 1 or workers < 1 or max_batch_delay_ms < 0:
         raise ArchiveError("batch size and workers must be >= 1, max batch delay >= 0")
 

@@ -108,6 +108,10 @@ def test_archive_refuses_a_bad_defense_and_a_directory_without_a_model(tiny_dir,
     res = bdserve_cli("archive", str(tiny_dir), "--out", str(tmp_path), "--defense", "shrinkpad:x")
     assert res.returncode == 1
     assert "defense" in res.stderr and not list(tmp_path.glob("*.mar"))
+    # A valid spec that cannot run on a 32x32 input: caught by loading the pipeline at archive time.
+    res = bdserve_cli("archive", str(tiny_dir), "--out", str(tmp_path), "--defense", "shrinkpad:40")
+    assert res.returncode == 1, res.stdout
+    assert "does not load" in res.stderr and not list(tmp_path.glob("*.mar"))
     (tmp_path / "empty").mkdir()
     res = bdserve_cli("archive", str(tmp_path / "empty"), "--out", str(tmp_path))
     assert res.returncode == 1
