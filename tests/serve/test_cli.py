@@ -47,7 +47,7 @@ def cli_store(store, foreign_onnx, tmp_path_factory) -> Path:
 def cli_server(cli_store):
     proc = subprocess.Popen(
         [*BDSERVE, "serve", "--model-store", str(cli_store), "--http-port", "0", "--grpc-port", "0",
-         "--max-queue-delay-ms", "300", "--threads", "1"],
+         "--max-queue-delay-ms", "500", "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines, addr = [], {}
@@ -120,7 +120,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server, rng):
     body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": x.reshape(-1).tolist()}]}
     result = {}
 
-    def call():  # waits ~300 ms in the batcher's queue: in flight when SIGTERM lands
+    def call():  # waits up to 500 ms in the batcher's queue: in flight when SIGTERM lands
         result["r"] = httpx.post(f"{addr['http']}/v2/models/tiny/infer", json=body, timeout=30)
 
     def call_grpc():
@@ -135,10 +135,18 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server, rng):
         with grpc.insecure_channel(addr["grpc"]) as ch:
             result["g"] = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
 
-    threads = [threading.Thread(target=call), threading.Thread(target=call_grpc)]
+    threads = [threading.Thread(target=call_grpc), threading.Thread(target=call)]
     for t in threads:
         t.start()
-    time.sleep(0.15)
+    # SIGTERM once both requests are inside the server (the in-flight gauge says so).
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        text = httpx.get(f"{addr['http']}/metrics", timeout=5).text
+        if 'bdserve_inflight_requests{model="tiny"} 2.0' in text:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the two requests were never in flight together")
     proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(30)
