@@ -36,7 +36,15 @@ class BdserveHandler:
         self.topk = 5
 
     def initialize(self, context: Any) -> None:
-        from bdserve.serve.pipeline import DefendedModel
+        try:
+            from bdserve.serve.pipeline import DefendedModel
+        except ImportError as e:  # the one deployment mistake worth a precise message
+            import sys
+
+            raise ImportError(
+                f"bdserve is not importable by this TorchServe worker ({sys.executable}): install it into the "
+                f"environment TorchServe runs from, pip install 'bdserve[torchserve]' ({e})"
+            ) from e
 
         props = context.system_properties
         model_dir = props.get("model_dir")
