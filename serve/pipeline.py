@@ -76,6 +76,10 @@ class DefendedModel:
         c, h, w = card.input_shape
         self.channels = int(c)
         self.input_size = (int(h), int(w))
+        if not card.normalization_in_graph and not (
+                len(card.mean) == len(card.std) == self.channels and all(s > 0 for s in card.std)):
+            raise ValueError(f"model {card.name}: mean/std need {self.channels} values each and std > 0 "
+                             f"(got mean {card.mean}, std {card.std})")
         self._defenses: dict[str, torch.nn.Module] = {}
         self._defense = self._build_defense(defense)
         self.defense_spec: str = self._defense.spec

@@ -298,3 +298,26 @@ def test_foreign_model_over_http(server, served_store, rng):
     assert doc["parameters"]["defense"] == "shrinkpad:4"
     outs = {o["name"]: o for o in doc["outputs"]}
     assert len(outs["probabilities"]["data"]) == 7 and outs["label"]["data"][0] in m.classes
+
+
+def test_server_fault_is_a_json_500_and_the_server_keeps_serving(served_store, rng):
+    from bdserve.serve.server import BackgroundServer, ServeConfig, load_models
+    from bdserve.serve.service import InferenceService
+
+    models = load_models(served_store, ["tiny"], threads=1)
+    real, calls = models["tiny"].predict, []
+
+    def flaky(x, **kw):  # the first batch hits a runtime fault
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated runtime fault")
+        return real(x, **kw)
+
+    models["tiny"].predict = flaky
+    x = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    with BackgroundServer(InferenceService(models, max_queue_delay_ms=1), ServeConfig(http_port=0, grpc_port=None)) as srv:
+        r = infer_json(srv.http_url, "tiny", x)
+        assert r.status_code == 500 and "internal" in r.json()["error"] and "simulated" not in r.text
+        assert infer_json(srv.http_url, "tiny", x).status_code == 200
+        text = httpx.get(f"{srv.http_url}/metrics").text
+        assert metric(text, "bdserve_requests_total", model="tiny", code="500") == 1
