@@ -77,11 +77,11 @@ def evaluate_defenses(
         for spec in defenses:
             gen = torch.Generator().manual_seed(seed)
             clean = predict(model, test.images, defense=spec, device=device, generator=gen)
-            acc = float((clean == test.labels).float().mean())
+            acc = int((clean == test.labels).sum()) / max(1, len(test))
             asr = None
             if pool is not None:
                 hit = predict(model, test.images[pool], defense=spec, trigger=trigger, device=device, generator=gen)
-                asr = float((hit == target).float().mean())
+                asr = int((hit == target).sum()) / max(1, len(pool))
             rows.append(DefenseRow(spec, acc, asr, len(test), 0 if pool is None else len(pool)))
             advance(1, defense=spec)
     return rows

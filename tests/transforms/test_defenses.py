@@ -1,0 +1,123 @@
+import itertools
+
+import pytest
+import torch
+
+from bdserve.transforms import (
+    Compose, Flip, RandomFlip, RandomShrinkPad, RandomTransformLayer, ShrinkPad, create_defense, list_defenses,
+)
+
+
+def offsets_of(out: torch.Tensor) -> list[tuple[int, int]]:
+    """(top, left) of the non-zero block in each image of a ShrinkPad'ed all-ones batch."""
+    found = []
+    for img in out[:, 0]:
+        rows = img.sum(1).nonzero().flatten()
+        cols = img.sum(0).nonzero().flatten()
+        found.append((int(rows[0]), int(cols[0])))
+    return found
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_shrinkpad_shape_and_exact_zero_border(k):
+    x = torch.ones(64, 3, 32, 32)
+    out = ShrinkPad(k)(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    for img, (top, left) in zip(out, offsets_of(out)):
+        block = img[:, top : top + 32 - k, left : left + 32 - k]
+        assert torch.allclose(block, torch.ones_like(block))  # bilinear resize of a constant is exact
+        assert img.sum().item() == pytest.approx(3 * (32 - k) ** 2)  # everything else exactly zero
+        assert 0 <= top <= k and 0 <= left <= k
+
+
+def test_shrinkpad_uses_bilinear_interpolation():
+    x = torch.rand(2, 3, 32, 32)
+    out = ShrinkPad(4).apply(x, {"top": torch.zeros(2, dtype=torch.long), "left": torch.zeros(2, dtype=torch.long)})
+    expected = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out[:, :, :28, :28], expected)
+
+
+def test_shrinkpad_offsets_all_reachable_and_about_uniform_per_image():
+    k, n = 3, 16000
+    out = ShrinkPad(k)(torch.ones(n, 1, 8, 8), torch.Generator().manual_seed(0))
+    counts = {o: 0 for o in itertools.product(range(k + 1), repeat=2)}
+    for o in offsets_of(out):
+        counts[o] += 1
+    expected = n / (k + 1) ** 2
+    assert all(c > 0 for c in counts.values()), counts
+    assert max(abs(c - expected) for c in counts.values()) < 0.15 * expected, counts
+    # Drawn per image: one batch holds every placement, not a single shared one.
+    assert len({o for o in offsets_of(out[:64])}) > 8
+
+
+def test_shrinkpad_is_reproducible_under_the_same_generator_and_varies_otherwise():
+    x = torch.rand(32, 3, 32, 32)
+    a = ShrinkPad(4)(x, torch.Generator().manual_seed(7))
+    b = ShrinkPad(4)(x, torch.Generator().manual_seed(7))
+    c = ShrinkPad(4)(x, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_flip_is_a_left_right_mirror():
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5) / 120
+    out = Flip()(x)
+    assert torch.equal(out[..., 0], x[..., -1])
+    assert torch.equal(Flip()(out), x)
+
+
+def test_random_flip_is_per_image():
+    x = torch.rand(400, 3, 8, 8)
+    out = RandomFlip(0.5)(x, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
+    assert 150 < int(flipped.sum()) < 250
+
+
+def test_enhanced_layer_draws_every_shrink_size_and_flips_about_half():
+    layer = RandomTransformLayer(max_shrink=4)
+    x = torch.ones(2000, 1, 16, 16)
+    params = layer.draw(x, torch.Generator().manual_seed(3))
+    flips, sp = params
+    assert set(sp["k"].tolist()) == {0, 1, 2, 3, 4}
+    assert (sp["top"] <= sp["k"]).all() and (sp["left"] <= sp["k"]).all()
+    assert 0.4 < flips.float().mean() < 0.6
+    out = layer.apply(x, params)
+    sums = out.flatten(1).sum(1)
+    torch.testing.assert_close(sums, ((16 - sp["k"]) ** 2).float())
+    # The same generator reproduces the same draws.
+    again = layer(x, torch.Generator().manual_seed(3))
+    assert torch.equal(again, out)
+
+
+def test_random_shrinkpad_with_zero_max_is_identity():
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(RandomShrinkPad(0)(x), x)
+
+
+def test_create_defense_parses_specs_and_compositions():
+    assert isinstance(create_defense("flip"), Flip)
+    assert create_defense("shrinkpad:3").k == 3
+    combo = create_defense("flip+shrinkpad:2")
+    assert isinstance(combo, Compose) and combo.spec == "flip+shrinkpad:2"
+    assert create_defense(None).spec == "none"
+    for spec in ["noise:0.05", "brightness:0.2", "contrast:0.2", "saturation:0.3", "hue:0.1"]:
+        d = create_defense(spec)
+        assert d.spec == spec
+        out = d(torch.rand(8, 3, 16, 16), torch.Generator().manual_seed(0))
+        assert out.shape == (8, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
+    assert "shrinkpad:K" in list_defenses()
+
+
+@pytest.mark.parametrize("bad", ["shrink", "shrinkpad", "shrinkpad:x", "flip:2", "", "noise"])
+def test_create_defense_rejects_bad_specs_with_a_message(bad):
+    with pytest.raises(ValueError) as err:
+        create_defense(bad) if bad else create_defense("+")
+    assert str(err.value)
+
+
+def test_nonspatial_defenses_keep_the_trigger_location():
+    x = torch.zeros(16, 3, 32, 32)
+    x[:, :, -3:, -3:] = 1.0
+    out = create_defense("brightness:0.3")(x, torch.Generator().manual_seed(0))
+    assert (out[:, :, :29] == 0).all()
+    assert (out[:, :, -3:, -3:] > 0.5).all()
