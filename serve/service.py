@@ -47,6 +47,7 @@ class InferenceService:
         }
         for m in models.values():
             self.metrics.describe_model(m)
+        self.max_request_images = max_queue_images
         self.ready = False
 
     async def start(self) -> None:
@@ -94,6 +95,9 @@ class InferenceService:
     async def to_tensor(self, model: DefendedModel, name: str, datatype: str, shape: list[int],
                         value: np.ndarray | list[bytes]) -> torch.Tensor:
         """A decoded OIP input -> the model's uint8/float batch. Images decode off the event loop."""
+        if shape and shape[0] > self.max_request_images:
+            # Checked before any decoding: a request of 100k tiny PNGs would cost seconds and gigabytes.
+            raise InvalidInput(f"{shape[0]} images in one request; this server takes at most {self.max_request_images}")
         if name not in (TENSOR_INPUT, IMAGE_INPUT):
             raise InvalidInput(f"unknown input {name!r}; model {model.name} takes {TENSOR_INPUT!r} "
                                f"(UINT8/FP32 [B,3,H,W]) or {IMAGE_INPUT!r} (BYTES, encoded images)")

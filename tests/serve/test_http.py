@@ -173,6 +173,7 @@ def _bad_requests(rng):
         ("header length not a number", "tiny", {"content": b"{}", "headers": {"Inference-Header-Content-Length": "abc"}}, 400, "malformed binary header"),
         ("header length past the body", "tiny", {"content": b"{}", "headers": {"Inference-Header-Content-Length": "999"}}, 400, "malformed binary header"),
         ("binary_data_size past the body", "tiny", past_end(), 400, "malformed binary header"),
+        ("too many images", "tiny", binary("BYTES", [5000], pack_bytes([b"x"] * 5000), "image"), 400, "at most 4096"),
         ("malformed BYTES lengths", "tiny", binary("BYTES", [1], b"\xff\xff\x00\x00abc", "image"), 400, "malformed BYTES"),
         ("unknown input name", "tiny", tensor("UINT8", [1, 3, 32, 32], [0] * 3072, name="pixels"), 400, "unknown input 'pixels'"),
         ("unknown output", "tiny", js({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [0] * 3072}], "outputs": [{"name": "logits"}]}), 400, "unknown output"),
