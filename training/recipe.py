@@ -22,7 +22,7 @@ from bdserve.training.data import ImageSet, class_index, load_split
 from bdserve.training.evaluate import PAPER_DEFENSES, DefenseRow, evaluate_defenses, metrics_dict
 from bdserve.training.models import CIFAR_MEAN, CIFAR_STD, create_model
 from bdserve.training.poison import AttackConfig, choose_poisoned, default_attack
-from bdserve.training.trainer import SCHEDULES, default_schedule, train
+from bdserve.training.trainer import SCHEDULES, default_schedule, is_main_process, train
 from bdserve.transforms.triggers import Trigger
 
 
@@ -128,6 +128,8 @@ def run(cfg: TrainConfig, out: str | Path | None = None, log=print) -> TrainOutc
     model = create_model(cfg.model, num_classes=len(train_set.classes), mean=mean, std=std)
     result = train(model, train_set, attack, schedule, device=device, seed=cfg.seed, precision=cfg.precision,
                    poisoned_images=poisoned_images, description=f"training {attack.display_name}")
+    if not is_main_process():  # under torchrun, rank 0 evaluates and writes
+        return TrainOutcome(model, None, [], None)
     rows = evaluate_defenses(model, test_set, trigger=attack.trigger if attack.kind != "none" else None,
                              target=attack.target, defenses=cfg.defenses, device=device, seed=cfg.seed)
     model = model.cpu()

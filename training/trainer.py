@@ -1,5 +1,9 @@
 """SGD training with the paper's schedules, seeded, with a progress bar.
 
+Several GPUs (or CPU processes): start under torchrun and each process trains a
+DistributedDataParallel replica on its share of every epoch (NCCL on CUDA, gloo on
+the CPU); the global batch size stays the schedule's.
+
 Mixed precision: fp16 autocast with a grad scaler on CUDA (plus channels-last);
 bf16 autocast on CPUs whose oneDNN supports it (about 2x on AVX512-BF16 machines).
 """
@@ -67,6 +71,35 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun (WORLD_SIZE > 1)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun on CUDA, each process takes the GPU of its LOCAL_RANK."""
+    import os
+
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 @dataclass
 class TrainResult:
     seconds: float
@@ -94,8 +127,12 @@ def train(
     ``poisoned_images`` replaces the images of the poisoned set before training
     (the label-consistent attack's adversarially perturbed copies).
     """
-    torch.manual_seed(seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    device = local_device(device)
+    rank, world = distributed_context(device)
+    torch.manual_seed(seed)  # same initial weights on every rank
+    # One shared order of the data for all ranks; augmentation draws differ per rank.
+    order_gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 7919 * rank)
     mask = choose_poisoned(data.labels, attack, seed)
     images = data.images
     if poisoned_images is not None:
@@ -108,6 +145,9 @@ def train(
     channels_last = device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast_dtype(device, precision)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == torch.float16 and device.type == "cuda"))
     decay, no_decay = [], []
@@ -133,17 +173,20 @@ def train(
     start = time.perf_counter()
     loss_value = float("nan")
     model.train()
-    with progress_bar(description, total=total_steps) as advance:
+    with progress_bar(description if rank == 0 else f"{description} (rank {rank})", total=total_steps) as advance:
         for epoch in range(schedule.epochs):
-            order = torch.randperm(len(data), generator=gen, device=device)
+            order = torch.randperm(len(data), generator=order_gen, device=device)
             for step in range(steps_per_epoch):
                 idx = order[step * schedule.batch_size : (step + 1) * schedule.batch_size]
+                if len(idx) < world:
+                    continue  # a remainder too small to share: every rank skips it alike
+                idx = idx[rank::world]  # this rank's share of the global batch
                 x = images[idx].float().div_(255)
                 x, y = poisoner(x, labels[idx], mask[idx], gen)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = F.cross_entropy(model(x), y, label_smoothing=schedule.label_smoothing)
+                    loss = F.cross_entropy(net(x), y, label_smoothing=schedule.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -152,6 +195,13 @@ def train(
                 if step % 20 == 0 or step == steps_per_epoch - 1:
                     loss_value = float(loss.detach())
                 advance(1, epoch=f"{epoch + 1}/{schedule.epochs}", loss=f"{loss_value:.3f}")
+    if world > 1:
+        # DDP keeps parameters in sync; BN running statistics are per rank until the
+        # next forward, so hand every rank rank 0's to finish with one model.
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     model.eval()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
