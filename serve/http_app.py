@@ -172,16 +172,14 @@ async def _infer(service: InferenceService, name: str, version: str | None, requ
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidInput("the request must have an 'inputs' list with exactly one input tensor "
                            f"(got {len(inputs) if isinstance(inputs, list) else type(inputs).__name__})")
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput("'parameters' must be a JSON object")
+    params = _params(req, "the request")
 
     spec = inputs[0]
     if not isinstance(spec, dict):
         raise InvalidInput("each input must be a JSON object with name, datatype, shape and data")
     iname, datatype = spec.get("name"), oip.check_datatype(spec.get("datatype"))
     shape = oip.check_shape(spec.get("shape"))
-    iparams = spec.get("parameters") or {}
+    iparams = _params(spec, f"input {iname!r}")
     if "binary_data_size" in iparams:
         size = iparams["binary_data_size"]
         if not isinstance(size, int) or size < 0 or size > len(binary):
@@ -200,6 +198,15 @@ async def _infer(service: InferenceService, name: str, version: str | None, requ
     return _infer_response(model, req, params, pred)
 
 
+def _params(obj: dict, where: str) -> dict:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"'parameters' of {where} must be a JSON object")
+    return params
+
+
 def _infer_response(model, req: dict, params: dict, pred) -> Response:
     produced = oip.prediction_outputs(pred, model.detect)
     default_binary = bool(params.get("binary_data_output", False))
@@ -215,7 +222,7 @@ def _infer_response(model, req: dict, params: dict, pred) -> Response:
             oname = w.get("name") if isinstance(w, dict) else None
             if oname not in by_name:
                 raise InvalidInput(f"unknown output {oname!r}; this model produces {', '.join(by_name)}")
-            binary = (w.get("parameters") or {}).get("binary_data", default_binary)
+            binary = _params(w, f"output {oname!r}").get("binary_data", default_binary)
             selected.append((by_name[oname], bool(binary)))
 
     resp_params = {"defense": pred.defense}

@@ -170,6 +170,15 @@ def _bad_requests(rng):
         ("malformed JSON", "tiny", {"content": b'{"inputs": [', "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
         ("JSON not an object", "tiny", js([1, 2, 3]), 400, "JSON object"),
         ("no inputs", "tiny", js({"outputs": []}), 400, "'inputs'"),
+        ("input not an object", "tiny", js({"inputs": ["x"]}), 400, "JSON object"),
+        ("parameters not an object", "tiny", js({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [0] * 3072, "parameters": [1]}]}), 400, "'parameters' of input"),
+        ("output parameters not an object", "tiny", js({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [0] * 3072}], "outputs": [{"name": "label", "parameters": "yes"}]}), 400, "'parameters' of output"),
+        ("outputs not objects", "tiny", js({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [0] * 3072}], "outputs": ["label"]}), 400, "unknown output"),
+        ("shape not a list", "tiny", tensor("UINT8", "1,3,32,32", [0] * 3072), 400, "shape must be a list"),
+        ("data not a list", "tiny", tensor("UINT8", [1, 3, 32, 32], "zeros"), 400, "must be a JSON list"),
+        ("data of strings", "tiny", tensor("UINT8", [1, 3], ["a", "b", "c"]), 400, "numbers"),
+        ("non-integer UINT8", "tiny", tensor("UINT8", [1, 3, 32, 32], [0.5] * 3072), 400, "non-integer"),
+        ("negative dimension", "tiny", tensor("UINT8", [-1, 3, 32, 32], [0] * 3072), 400, "negative"),
         ("header length not a number", "tiny", {"content": b"{}", "headers": {"Inference-Header-Content-Length": "abc"}}, 400, "malformed binary header"),
         ("header length past the body", "tiny", {"content": b"{}", "headers": {"Inference-Header-Content-Length": "999"}}, 400, "malformed binary header"),
         ("binary_data_size past the body", "tiny", past_end(), 400, "malformed binary header"),
@@ -322,3 +331,27 @@ def test_server_fault_is_a_json_500_and_the_server_keeps_serving(served_store, r
         assert infer_json(srv.http_url, "tiny", x).status_code == 200
         text = httpx.get(f"{srv.http_url}/metrics").text
         assert metric(text, "bdserve_requests_total", model="tiny", code="500") == 1
+
+
+def test_mutated_requests_never_get_a_500(server, rng):
+    """Truncations and byte flips of valid JSON, binary and image requests: always 2xx or 4xx."""
+    x = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    json_body = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32],
+                                        "data": x.reshape(-1).tolist()}], "parameters": {"binary_data_output": True}}).encode()
+    bin_body, bin_headers = binary_request([("image", "BYTES", [1], pack_bytes([encode(random_image(rng, 40, 40), "PNG")]))])
+    seen = set()
+    with httpx.Client(timeout=30) as client:
+        for i in range(80):
+            body, headers = (json_body, {"Content-Type": "application/json"}) if i % 2 else (bin_body, dict(bin_headers))
+            b = bytearray(body)
+            if i % 3 == 0:
+                b = b[: rng.integers(0, len(b))]
+            for _ in range(rng.integers(1, 4)):
+                if b:
+                    b[rng.integers(0, len(b))] = int(rng.integers(0, 256))
+            r = client.post(f"{server.http_url}/v2/models/tiny/infer", content=bytes(b), headers=headers)
+            assert r.status_code < 500, (i, r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                assert r.json()["error"]
+            seen.add(r.status_code)
+    assert 400 in seen
