@@ -17,7 +17,7 @@ import kornia.enhance as KE
 import torch
 
 from bdserve.transforms.base import Transform, randint, uniform
-from bdserve.transforms.spatial import hflip, shrink_pad
+from bdserve.transforms.spatial import hflip, place, shrink
 
 
 class Identity(Transform):
@@ -60,8 +60,7 @@ class ShrinkPad(Transform):
         return {"top": randint(n, self.k, x, generator), "left": randint(n, self.k, x, generator)}
 
     def apply(self, x, params):
-        k = torch.full((x.shape[0],), self.k, device=x.device, dtype=torch.long)
-        return shrink_pad(x, k, params["top"], params["left"])
+        return place(shrink(x, self.k), params["top"], params["left"], x.shape[-2], x.shape[-1])
 
 
 class GaussianNoise(Transform):
