@@ -113,7 +113,10 @@ class InferenceService:
         if defense is not None:
             if not isinstance(defense, str):
                 raise InvalidInput("parameter 'defense' must be a string, e.g. \"flip\"")
-            model.resolve_defense(defense)  # refuse before queueing (lab mode, bad spec)
+            # Refuse before queueing (lab mode, bad spec); queue under the canonical spec so that
+            # "Flip", "flip" and no request parameter share a batch.
+            spec = model.resolve_defense(defense).spec
+            defense = None if spec == model.defense_spec else spec
         gauge = self.metrics.inflight.labels(model=model.name)
         gauge.inc()
         try:
