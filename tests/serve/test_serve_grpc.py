@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import grpc
@@ -12,8 +13,7 @@ import torch
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from conftest import MAX_BODY, encode, random_image
-from test_pipeline import bomb_png
+from serve_helpers import MAX_BODY, bomb_png, encode, random_image
 
 
 @pytest.fixture(scope="module")
@@ -139,5 +139,5 @@ def test_bad_input_is_invalid_argument_and_next_request_works(stub, rng):
         with pytest.raises(grpc.RpcError) as e:
             stub.ModelInfer(req)
         assert e.value.code().name == code, (pattern, e.value.code(), e.value.details())
-        assert not pattern or __import__("re").search(pattern, e.value.details()), e.value.details()
+        assert not pattern or re.search(pattern, e.value.details()), e.value.details()
         assert len(outputs(stub.ModelInfer(good))["label"]) == 1

@@ -10,11 +10,9 @@ import struct
 
 import httpx
 import numpy as np
-import pytest
 import torch
 
-from conftest import MAX_BODY, encode, random_image
-from test_pipeline import bomb_png
+from serve_helpers import MAX_BODY, bomb_png, encode, metric, random_image
 
 
 def infer_json(url, model, arr: np.ndarray, datatype="UINT8", **extra):
@@ -224,15 +222,6 @@ def test_body_over_the_limit_is_413(server, rng):
     assert r.status_code == 413
     ok = infer_json(url, "tiny", rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8))
     assert ok.status_code == 200
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_concurrent_requests_are_batched(server, rng):

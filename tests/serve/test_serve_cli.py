@@ -5,7 +5,6 @@ finishing the request in flight."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FOREIGN_CLASSES, encode, random_image
+from serve_helpers import FOREIGN_CLASSES, encode, random_image
 
 # The installed console script when there is one (what users run), else the same entry point.
 _SCRIPT = Path(sys.executable).parent / "bdserve"

@@ -7,12 +7,13 @@ import asyncio
 import grpc
 import httpx
 import numpy as np
+import pytest
 import torch
 
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from test_http import metric
+from serve_helpers import metric
 
 
 def _http_body(x, defense=None):
@@ -109,7 +110,7 @@ def test_batcher_limits_and_splits():
         one = torch.zeros(1, 3, 2, 2)
         tasks = [asyncio.create_task(b.submit(one)) for _ in range(10)]
         await asyncio.sleep(0)
-        with __import__("pytest").raises(Overloaded, match="limit 10"):
+        with pytest.raises(Overloaded, match="limit 10"):
             await b.submit(one)
         results = await asyncio.gather(*tasks)
         big = await b.submit(torch.zeros(9, 3, 2, 2))  # larger than a batch: runs alone

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -15,16 +13,7 @@ from bdserve.serve.errors import DefenseNotAllowed, InvalidInput
 from bdserve.serve.images import decode_image
 from bdserve.serve.pipeline import DefendedModel
 
-from conftest import FOREIGN_CLASSES, encode, random_image
-
-
-def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
-    """A valid PNG header declaring a huge image: a few dozen bytes that would decode to gigabytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+from serve_helpers import FOREIGN_CLASSES, bomb_png, encode, random_image
 
 
 def test_decode_formats_and_fit(tiny_model, rng):
