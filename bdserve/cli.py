@@ -23,6 +23,9 @@ COMMAND_MODULES = [
     "archive",
     "serve",
     "import_model",
+    "eval",
+    "physical",
+    "study",
 ]
 
 for _name in COMMAND_MODULES:

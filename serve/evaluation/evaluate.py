@@ -1,0 +1,70 @@
+"""``bdserve eval`` end to end: held-out sets -> live endpoint (one run per defense) -> report files."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bdserve.card import ModelCard
+from bdserve.serve.evaluation import plots, report
+from bdserve.serve.evaluation.clients import open_client
+from bdserve.serve.evaluation.heldout import build_sets
+from bdserve.serve.evaluation.retry import RetryPolicy, with_retries
+from bdserve.serve.evaluation.runner import run_sets
+
+
+@dataclass
+class EvalConfig:
+    endpoint: str
+    model: str
+    card: Path
+    data: Path
+    limit: int | None = None
+    seed: int = 0
+    defenses: list[str | None] = field(default_factory=lambda: [None])  # None: the server's own
+    batch_size: int = 256
+    concurrency: int = 4
+    timeout_s: float = 120.0
+    retry: RetryPolicy = RetryPolicy()
+
+
+async def evaluate(cfg: EvalConfig) -> dict:
+    card = ModelCard.load(cfg.card)
+    clean, trig = build_sets(card, cfg.data, cfg.limit, cfg.seed)
+    sets = [clean] + ([trig] if trig is not None else [])
+    target = card.target_label
+    async with open_client(cfg.endpoint, cfg.model, card.classes, concurrency=cfg.concurrency,
+                           timeout_s=cfg.timeout_s) as client:
+        if any(d is not None for d in cfg.defenses) and not client.can_choose_defense:
+            raise ValueError(f"{client.scheme} endpoints apply their own defense; drop --defenses")
+        await with_retries(client.connect, cfg.retry)  # the server may still be starting
+        rows = []
+        for d in cfg.defenses:
+            run = await run_sets(client, sets, defense=d, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                                 policy=cfg.retry, description=f"eval {d or 'server defense'}")
+            rows.append(report.defense_row(run, len(card.classes), target))
+        detect = client.detect
+    return {
+        "endpoint": cfg.endpoint, "transport": client.scheme, "model": cfg.model, "card": str(cfg.card),
+        "data": str(cfg.data), "limit": cfg.limit, "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "concurrency": cfg.concurrency, "target": target,
+        "target_name": None if target is None else card.classes[target],
+        "trigger": None if card.attack is None else (card.attack.get("trigger") or {}).get("name"),
+        "server_detects": detect, "clean_images": len(clean), "triggered_images": 0 if trig is None else len(trig),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows, "table1_row": report.table1_row(cfg.model, rows),
+    }
+
+
+def run(cfg: EvalConfig) -> dict:
+    return asyncio.run(evaluate(cfg))
+
+
+def write_outputs(rep: dict, out: Path, classes: list[str]) -> dict[str, Path]:
+    paths = report.write(rep, out)
+    title = f"{rep['model']} through {rep['transport']}"
+    paths["defenses_png"] = plots.defenses_chart(rep["rows"], title, out / "defenses.png")
+    paths["confusion_png"] = plots.confusion_chart(rep["rows"], classes, f"{title}: clean confusion", out / "confusion.png")
+    return paths

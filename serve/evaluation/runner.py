@@ -1,0 +1,113 @@
+"""Send held-out sets through a client: batches, a bounded number in flight, one progress bar.
+
+Every image ends in exactly one state: predicted (correct or wrong is the report's
+business) or an error. A batch's answer is written once, after its last attempt, so a
+retried batch cannot be counted twice; a batch that fails for good marks all its images
+as errors with the reason, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bdserve.progress import progress_bar
+from bdserve.serve.evaluation.clients import Answer, Client
+from bdserve.serve.evaluation.heldout import HeldOut
+from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
+
+NO_ANSWER = -1
+
+
+@dataclass
+class SetResult:
+    name: str
+    labels: np.ndarray  # true labels (N,)
+    preds: np.ndarray  # predicted class (N,), NO_ANSWER where the request failed
+    suspected: np.ndarray | None  # bool (N,) when the server detects; False where no answer
+    errors: Counter = field(default_factory=Counter)  # reason -> images
+    latencies_s: list[float] = field(default_factory=list)  # per answered request (its last attempt)
+    requests: int = 0
+    retries: int = 0
+    applied: Counter = field(default_factory=Counter)  # defense the server said it applied -> images
+
+    @property
+    def answered(self) -> np.ndarray:
+        return self.preds != NO_ANSWER
+
+    @property
+    def n_errors(self) -> int:
+        return int((~self.answered).sum())
+
+
+@dataclass
+class RunResult:
+    defense: str | None  # what was asked (None: the server's own)
+    sets: dict[str, SetResult]
+    seconds: float
+
+    @property
+    def images(self) -> int:
+        return sum(len(s.labels) for s in self.sets.values())
+
+
+def _canonical(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    from bdserve.transforms import create_defense
+
+    return create_defense(spec).spec
+
+
+async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None = None, batch_size: int = 256,
+                   concurrency: int = 4, policy: RetryPolicy = RetryPolicy(), description: str = "eval") -> RunResult:
+    """Send every set through ``client`` under one defense; the sets share the in-flight budget."""
+    if client.max_batch_size is not None:
+        batch_size = min(batch_size, client.max_batch_size)
+    want = _canonical(defense)
+    results = {s.name: SetResult(s.name, s.labels.copy(), np.full(len(s), NO_ANSWER, dtype=np.int64), None)
+               for s in sets}
+    gate = asyncio.Semaphore(max(1, concurrency))
+    total = sum(len(s) for s in sets)
+
+    with progress_bar(description, total=total) as advance:
+        async def one(s: HeldOut, res: SetResult, start: int, stop: int) -> None:
+            async with gate:
+                timing = {}
+
+                async def attempt() -> Answer:
+                    t0 = time.perf_counter()
+                    answer = await client.infer_tensor(s.images[start:stop], defense)
+                    timing["last"] = time.perf_counter() - t0
+                    return answer
+
+                def retried(_e) -> None:
+                    res.retries += 1
+
+                try:
+                    answer = await with_retries(attempt, policy, retried)
+                    if want is not None and answer.defense is not None and answer.defense != want:
+                        raise PermanentError(f"asked for defense {want!r}, the server applied {answer.defense!r} "
+                                             "(is it running with --lab?)")
+                except PermanentError as e:
+                    res.errors[str(e)] += stop - start
+                else:
+                    res.preds[start:stop] = answer.labels
+                    if answer.suspected is not None:
+                        if res.suspected is None:
+                            res.suspected = np.zeros(len(res.labels), dtype=bool)
+                        res.suspected[start:stop] = answer.suspected
+                    res.applied[answer.defense or "?"] += stop - start
+                    res.latencies_s.append(timing["last"])
+                res.requests += 1
+                advance(stop - start)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(s, results[s.name], i, min(i + batch_size, len(s)))
+                               for s in sets for i in range(0, len(s), batch_size)))
+        seconds = time.perf_counter() - t0
+    return RunResult(defense, results, seconds)
