@@ -43,7 +43,10 @@ def register(app: typer.Typer) -> None:
         mc = ModelCard.load(card)
         try:
             if photos is not None:
-                _photos(endpoint, model, mc, photos, photo_route, concurrency, policy, timeout_s, out)
+                ds = _defenses(defenses)
+                if len(ds) != 1:
+                    raise ValueError("--photos takes at most one defense in --defenses")
+                _photos(endpoint, model, mc, photos, photo_route, ds[0], concurrency, policy, timeout_s, out)
                 return
             from bdserve.serve.evaluation.evaluate import EvalConfig, run, write_outputs
 
@@ -63,7 +66,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)  # numbers are still reported; the exit code says some images failed
 
 
-def _photos(endpoint, model, card, folder, route, concurrency, policy, timeout_s, out) -> None:
+def _photos(endpoint, model, card, folder, route, defense, concurrency, policy, timeout_s, out) -> None:
     import asyncio
 
     from bdserve.serve.evaluation import photos as ph
@@ -72,22 +75,27 @@ def _photos(endpoint, model, card, folder, route, concurrency, policy, timeout_s
 
     if route not in ("predictions", "oip"):
         raise ValueError("--photo-route is predictions or oip")
+    if defense is not None and route == "predictions" and endpoint.startswith("http://"):
+        typer.echo("note: /predictions cannot choose a defense; sending the photos as an OIP BYTES input", err=True)
+        route = "oip"
     items = ph.collect(folder, card.classes)
 
     async def go():
         async with open_client(endpoint, model, card.classes, concurrency=concurrency, timeout_s=timeout_s) as client:
             await with_retries(client.connect, policy)
-            return client.scheme, await ph.classify(client, items, route=route, concurrency=concurrency, policy=policy)
+            return client.scheme, await ph.classify(client, items, route=route, defense=defense,
+                                                      concurrency=concurrency, policy=policy)
 
     scheme, results = asyncio.run(go())
     summary = ph.summarize(results, card.classes, card.target_label)
-    title = f"{model} on {len(items)} photos from {folder} via {scheme}{' ' + route if scheme == 'http' else ''}"
+    title = (f"{model} on {len(items)} photos from {folder} via {scheme}{' ' + route if scheme == 'http' else ''}, "
+             f"defense {defense or 'of the server'}")
     text = ph.markdown(summary, results, title)
     typer.echo(text)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "photos.json").write_text(json.dumps({"endpoint": endpoint, "model": model, "folder": str(folder),
-                                                     "route": route, "summary": summary,
+                                                     "route": route, "defense_asked": defense, "summary": summary,
                                                      "photos": ph.per_photo_json(results)}, indent=2) + "\n")
         (out / "photos.md").write_text(text)
         ph.contact_sheet(results, out / "contact_sheet.png", title)

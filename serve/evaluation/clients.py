@@ -63,7 +63,8 @@ class Client:
     async def infer_tensor(self, images: np.ndarray, defense: str | None = None) -> Answer:
         raise NotImplementedError
 
-    async def infer_photos(self, blobs: list[bytes], route: str | None = None) -> Answer:
+    async def infer_photos(self, blobs: list[bytes], route: str | None = None, defense: str | None = None) -> Answer:
+        """Encoded files as they are; ``route`` picks /predictions or an OIP BYTES input where both exist."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -195,9 +196,11 @@ class HttpClient(_HttpBase):
         images = np.ascontiguousarray(images, dtype=np.uint8)
         return await self._infer(TENSOR_INPUT, "UINT8", list(images.shape), images.tobytes(), defense)
 
-    async def infer_photos(self, blobs: list[bytes], route: str | None = None) -> Answer:
+    async def infer_photos(self, blobs: list[bytes], route: str | None = None, defense: str | None = None) -> Answer:
         if route == "oip":
-            return await self._infer(IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), None)
+            return await self._infer(IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), defense)
+        if defense is not None:
+            raise PermanentError("/predictions cannot choose a defense; send photos as an OIP BYTES input (route oip)")
         if len(blobs) != 1:
             raise ValueError("/predictions takes one photo per request")
         label, flag, applied = await self._predictions(blobs[0])
@@ -221,7 +224,9 @@ class TorchServeClient(_HttpBase):
             raise ValueError("TorchServe takes one image per request")
         return await self.infer_photos([encode_png(images[0])])
 
-    async def infer_photos(self, blobs: list[bytes], route: str | None = None) -> Answer:
+    async def infer_photos(self, blobs: list[bytes], route: str | None = None, defense: str | None = None) -> Answer:
+        if defense is not None:
+            raise PermanentError("TorchServe's /predictions cannot choose a defense (it is the archive's)")
         if len(blobs) != 1:
             raise ValueError("TorchServe takes one image per request")
         label, flag, applied = await self._predictions(blobs[0])
@@ -302,8 +307,8 @@ class GrpcClient(Client):
         images = np.ascontiguousarray(images, dtype=np.uint8)
         return await self._infer(TENSOR_INPUT, "UINT8", list(images.shape), images.tobytes(), defense)
 
-    async def infer_photos(self, blobs: list[bytes], route: str | None = None) -> Answer:
-        return await self._infer(IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), None)
+    async def infer_photos(self, blobs: list[bytes], route: str | None = None, defense: str | None = None) -> Answer:
+        return await self._infer(IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), defense)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -64,9 +64,12 @@ def collect(folder: Path, classes: list[str]) -> list[Photo]:
     return photos
 
 
-async def classify(client: Client, photos: list[Photo], *, route: str | None = None, concurrency: int = 4,
-                   policy: RetryPolicy = RetryPolicy()) -> list[dict]:
+async def classify(client: Client, photos: list[Photo], *, route: str | None = None, defense: str | None = None,
+                   concurrency: int = 4, policy: RetryPolicy = RetryPolicy()) -> list[dict]:
     """One request per photo; each result holds the prediction or the error."""
+    from bdserve.serve.evaluation.runner import canonical
+
+    want = canonical(defense)
     gate = asyncio.Semaphore(max(1, concurrency))
     results: list[dict] = [{} for _ in photos]
     with progress_bar("photos", total=len(photos)) as advance:
@@ -78,7 +81,7 @@ async def classify(client: Client, photos: list[Photo], *, route: str | None = N
 
                 async def attempt():
                     t0 = time.perf_counter()
-                    a = await client.infer_photos([blob], route)
+                    a = await client.infer_photos([blob], route, defense)
                     res["latency_s"] = time.perf_counter() - t0
                     return a
 
@@ -87,6 +90,8 @@ async def classify(client: Client, photos: list[Photo], *, route: str | None = N
 
                 try:
                     a = await with_retries(attempt, policy, retried)
+                    if want is not None and a.defense is not None and a.defense != want:
+                        raise PermanentError(f"asked for defense {want!r}, the server applied {a.defense!r}")
                 except PermanentError as e:
                     res["error"] = str(e)
                 else:
@@ -155,8 +160,9 @@ def markdown(summary: dict, results: list[dict], title: str) -> str:
 
 
 def contact_sheet(results: list[dict], path: Path, title: str = "", thumb: int = 128, cols: int = 8) -> Path:
-    """Every photo as a thumbnail (EXIF orientation applied) with its true and predicted label;
-    red caption: the target was predicted, green: correct, grey: no answer."""
+    """Every photo as a thumbnail (EXIF orientation applied) with its true and predicted label
+    (T/C: triggered or clean print); red caption: the target was predicted, green: correct,
+    grey: no answer."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     font = ImageFont.load_default()
@@ -184,7 +190,8 @@ def contact_sheet(results: list[dict], path: Path, title: str = "", thumb: int =
         else:
             color = "red" if r.get("hit_target") else ("green" if r["pred"] == r["label"] else "black")
             text = f"-> {r['pred_name']}"
-        draw.text((x, y + thumb + 2), f"{(r.get('label_name') or '?')[:10]} {Path(r['file']).stem[:10]}",
+        tag = {"triggered": "T ", "clean": "C "}.get(r.get("kind") or "", "")
+        draw.text((x, y + thumb + 2), f"{tag}{(r.get('label_name') or '?')[:10]} {Path(r['file']).stem[:8]}",
                   fill="black", font=font)
         draw.text((x, y + thumb + 15), text[:22], fill=color, font=font)
     sheet.save(path)

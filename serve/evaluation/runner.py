@@ -55,7 +55,7 @@ class RunResult:
         return sum(len(s.labels) for s in self.sets.values())
 
 
-def _canonical(spec: str | None) -> str | None:
+def canonical(spec: str | None) -> str | None:
     if spec is None:
         return None
     from bdserve.transforms import create_defense
@@ -68,7 +68,7 @@ async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None =
     """Send every set through ``client`` under one defense; the sets share the in-flight budget."""
     if client.max_batch_size is not None:
         batch_size = min(batch_size, client.max_batch_size)
-    want = _canonical(defense)
+    want = canonical(defense)
     results = {s.name: SetResult(s.name, s.labels.copy(), np.full(len(s), NO_ANSWER, dtype=np.int64), None)
                for s in sets}
     gate = asyncio.Semaphore(max(1, concurrency))

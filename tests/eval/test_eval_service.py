@@ -1,0 +1,88 @@
+"""`bdserve eval` against the real server: numbers equal the in-process evaluation, retries never
+count an image twice, permanent errors are counted apart, a late server is waited for."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from eval_helpers import BDSERVE, ENV, FlakyProxy, free_port, read_report, run_eval, running_server
+from in_process import predictions
+
+LIMIT = 300
+
+
+def _args(url, card_dir, card, cifar_dir, out, *extra):
+    return ["--endpoint", url, "--model", card.name, "--card", str(card_dir / "card.json"), "--data", str(cifar_dir),
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
+    url = tiny_server["http"] if scheme == "http" else "grpc://" + tiny_server["grpc"]
+    r = run_eval(*_args(url, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path, "--limit", str(LIMIT),
+                        "--defenses", "none,flip", "--batch-size", "64", "--concurrency", "3"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = read_report(tmp_path)
+    assert rep["transport"] == scheme and rep["server_detects"] is True
+    rows = {row["defense"]: row for row in rep["rows"]}
+    assert list(rows) == ["none", "flip"]
+    ref = {d: predictions(tiny_badnets_dir, cifar_dir, LIMIT, d) for d in ("none", "flip")}
+    for d, row in rows.items():
+        c, t = row["clean"], row["triggered"]
+        assert row["applied"] == [d]
+        assert (c["images"], c["errors"], t["errors"]) == (LIMIT, 0, 0)
+        assert c["correct"] == ref[d]["correct"] and c["wrong"] == LIMIT - ref[d]["correct"]
+        assert np.array_equal(np.array(c["confusion"]), ref[d]["confusion"])
+        assert t["images"] == len(ref[d]["triggered"]) and t["hit"] == ref[d]["hit"]
+        assert t["asr"]["ci95"][0] <= t["asr"]["rate"] <= t["asr"]["ci95"][1]
+        lat = row["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    # --detect flags an image when the defended and undefended top-1 differ: never under "none",
+    # and under flip exactly where the in-process flip and none predictions differ.
+    assert rows["none"]["detection"]["detection_rate"]["k"] == 0
+    assert rows["none"]["detection"]["false_alarm_rate"]["k"] == 0
+    flips = int((ref["flip"]["triggered"] != ref["none"]["triggered"]).sum())
+    assert rows["flip"]["detection"]["detection_rate"]["k"] == flips
+    assert f"| {tiny_card.name} |" in r.stdout  # the Table-1 row
+    for name in ("report.md", "defenses.png", "confusion.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_transient_failures_are_retried_once_counted_and_permanent_ones_reported(
+        tiny_server, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
+    # One request at a time, batches of 64 over 100 clean + 90 triggered images: requests go
+    # clean[0:64], clean[64:100], triggered[0:64], triggered[64:90]. The proxy answers 503 twice
+    # (the first batch is retried), then forwards, then refuses the second batch with a 400.
+    with FlakyProxy(tiny_server["http"], [503, 503, None, 400]) as proxy:
+        r = run_eval(*_args(proxy.url, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path, "--limit", "100",
+                            "--defenses", "none", "--batch-size", "64", "--concurrency", "1"))
+    assert r.returncode == 1, r.stdout + r.stderr  # some images failed: said by the exit code
+    assert proxy.answered == [503, 503, 200, 400, 200, 200]
+    row = read_report(tmp_path)["rows"][0]
+    c, t = row["clean"], row["triggered"]
+    assert row["retries"] == 2 and row["requests"] == 4
+    assert (c["images"], c["errors"]) == (100, 36)
+    assert c["correct"] + c["wrong"] + c["errors"] == 100
+    assert list(c["error_reasons"].values()) == [36] and "HTTP 400" in next(iter(c["error_reasons"]))
+    ref = predictions(tiny_badnets_dir, cifar_dir, 100, "none")
+    assert c["correct"] == int((ref["clean"][:64] == ref["labels"][:64]).sum())  # the answered first batch, once
+    assert t["errors"] == 0 and t["hit"] == ref["hit"] and t["images"] == len(ref["triggered"])
+    assert "Errors" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_waits_for_a_server_that_starts_late(tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
+    port = free_port()
+    ev = subprocess.Popen([*BDSERVE, "eval", *_args(f"grpc://127.0.0.1:{port}", tiny_badnets_dir, tiny_card,
+                                                    cifar_dir, tmp_path, "--limit", "60", "--defenses", "none")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    time.sleep(1.5)  # the client is already knocking on a closed port
+    with running_server(tiny_badnets_dir, "--lab", grpc_port=port):
+        out, _ = ev.communicate(timeout=120)
+    assert ev.returncode == 0, out
+    row = read_report(tmp_path)["rows"][0]
+    ref = predictions(tiny_badnets_dir, cifar_dir, 60, "none")
+    assert row["errors"] == 0 and row["clean"]["correct"] == ref["correct"] and row["triggered"]["hit"] == ref["hit"]
