@@ -3,6 +3,7 @@ count an image twice, permanent errors are counted apart, a late server is waite
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from eval_helpers import BDSERVE, ENV, FlakyProxy, free_port, read_report, run_eval, running_server
 from in_process import predictions
 
-LIMIT = 300
+LIMIT = 200
 
 
 def _args(url, card_dir, card, cifar_dir, out, *extra):
@@ -86,3 +87,31 @@ def test_eval_waits_for_a_server_that_starts_late(tiny_badnets_dir, tiny_card, c
     row = read_report(tmp_path)["rows"][0]
     ref = predictions(tiny_badnets_dir, cifar_dir, 60, "none")
     assert row["errors"] == 0 and row["clean"]["correct"] == ref["correct"] and row["triggered"]["hit"] == ref["hit"]
+
+
+def test_torchserve_transport_matches_bdserve(tiny_server, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
+    """A real TorchServe with the model's .mar (defense flip): one PNG per request, same numbers."""
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs Java 17 and `java` is not on PATH")
+    from bdserve.serve.archive import LocalTorchServe
+
+    mar = tmp_path / "mar"
+    a = subprocess.run([*BDSERVE, "archive", str(tiny_badnets_dir), "--out", str(mar), "--name", "tsflip",
+                        "--defense", "flip"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert a.returncode == 0, a.stdout + a.stderr
+    ts = LocalTorchServe(mar, ["tsflip.mar"], tmp_path / "ts")
+    ts.start(timeout=90)
+    try:
+        r = run_eval("--endpoint", "torchserve+" + ts.inference_url, "--model", "tsflip", "--card",
+                     str(tiny_badnets_dir / "card.json"), "--data", str(cifar_dir), "--limit", "100",
+                     "--concurrency", "8", "--out", str(tmp_path / "ts_out"))
+        refused = run_eval("--endpoint", "torchserve+" + ts.inference_url, "--model", "tsflip", "--card",
+                           str(tiny_badnets_dir / "card.json"), "--limit", "10", "--defenses", "none")
+    finally:
+        ts.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = read_report(tmp_path / "ts_out")["rows"][0]
+    ref = predictions(tiny_badnets_dir, cifar_dir, 100, "flip")
+    assert row["applied"] == ["flip"] and row["requests"] == row["images"]  # one image per request
+    assert row["clean"]["correct"] == ref["correct"] and row["triggered"]["hit"] == ref["hit"]
+    assert refused.returncode == 2 and "apply their own defense" in refused.stderr
