@@ -11,7 +11,7 @@ from bdserve.card import ModelCard
 from bdserve.serve.evaluation import plots, report
 from bdserve.serve.evaluation.clients import open_client
 from bdserve.serve.evaluation.heldout import build_sets
-from bdserve.serve.evaluation.retry import RetryPolicy, with_retries
+from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
 from bdserve.serve.evaluation.runner import run_sets
 
 
@@ -40,6 +40,12 @@ async def evaluate(cfg: EvalConfig) -> dict:
         if any(d is not None for d in cfg.defenses) and not client.can_choose_defense:
             raise ValueError(f"{client.scheme} endpoints apply their own defense; drop --defenses")
         await with_retries(client.connect, cfg.retry)  # the server may still be starting
+        for d in cfg.defenses:  # one uncounted probe each: a non-lab server refuses at once, not per batch
+            if d is not None:
+                try:
+                    await with_retries(lambda: client.infer_tensor(clean.images[:1], d), cfg.retry)
+                except PermanentError as e:
+                    raise ValueError(f"the server refused defense {d!r}: {e}") from None
         rows = []
         for d in cfg.defenses:
             run = await run_sets(client, sets, defense=d, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
