@@ -58,7 +58,27 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-async def run_model(url: str, card: ModelCard, items, scenes, data: Path, out: Path, seed: int) -> dict:
+def effective_shrink(scene: dict, cam: Camera, size: int) -> float:
+    """How many pixels smaller than the model's input the printed image lands after the server's
+    cover-fit and center crop (a ShrinkPad-like shrink; the background plays the padding)."""
+    inner = scene["print_side"] * (1 - 2 * cam.margin)
+    return size * (1 - inner / min(cam.width, cam.height))
+
+
+def by_shrink(results: list[dict], scenes: list[dict], card: ModelCard, cam: Camera, work: Path) -> list[dict]:
+    """Physical ASR split by the photo's effective shrink: within the attack's max shrink or beyond."""
+    eps = (card.attack or {}).get("max_shrink") or 4
+    shrink = {str(work / s["file"]): effective_shrink(s, cam, card.input_shape[1]) for s in scenes}
+    hits = [(shrink[r["file"]], r["pred"] == card.target_label) for r in results
+            if r["kind"] == "triggered" and r["pred"] is not None]
+    out = []
+    for name, keep in ((f"<= {eps} px", lambda v: v <= eps), (f"> {eps} px", lambda v: v > eps)):
+        sel = [h for v, h in hits if keep(v)]
+        out.append({"shrink": name, **rate(sum(sel), len(sel))})
+    return out
+
+
+async def run_model(url: str, card: ModelCard, items, scenes, data: Path, out: Path, cam: Camera, work: Path) -> dict:
     test = load_test(card, data)
     idx = torch.tensor([s["test_index"] for s in scenes])
     digital = HeldOut("triggered", stamp_uint8(test.images[idx], card.trigger()).numpy(), test.labels[idx].numpy(),
@@ -79,6 +99,7 @@ async def run_model(url: str, card: ModelCard, items, scenes, data: Path, out: P
                                      f"{card.name}, defense {defense}: simulated photos of triggered prints "
                                      f"(red: predicted the target, {card.classes[card.target_label]})", thumb=96, cols=12)
             res["defenses"][defense] = {"digital_asr": digital_asr, "physical": summary, "contact_sheet": sheet.name,
+                                        "by_shrink": by_shrink(results, scenes, card, cam, work),
                                         "per_photo": [{k: r[k] for k in ("file", "kind", "label_name", "pred_name", "hit_target", "error")}
                                                       for r in results]}
     return res
@@ -102,11 +123,12 @@ def main() -> None:
     print(f"simulated {meta['count']} scenes (+ clean counterparts) in {sim_s:.0f} s into {work}", flush=True)
 
     with served(args.store, names, "--lab") as addr:
-        results = [asyncio.run(run_model(addr["http"], c, items, meta["scenes"], data, args.out, args.seed)) for c in cards]
+        results = [asyncio.run(run_model(addr["http"], c, items, meta["scenes"], data, args.out, cam, work))
+                   for c in cards]
 
     doc = {"experiment": "Section 5.4 in simulation: physical attack with BadNets and BadNets+",
            "command": "python experiments/physical.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                   if v is not None and k not in ("out", "store", "work")),
+                                                                   if v is not None and k not in ("out", "work")),
            "photos": {k: v for k, v in meta.items() if k != "scenes"}, "photo_folder": str(work),
            "simulation_seconds": sim_s, "route": "OIP BYTES input over HTTP (files as they are)",
            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": results}
@@ -123,13 +145,18 @@ def markdown(doc: dict) -> str:
              f"{p['trigger']} trigger, printed and photographed in simulation at {p['camera']['width']}x"
              f"{p['camera']['height']} (seed {p['seed']}); each also photographed clean in the same scene. "
              "Photos sent as files (OIP BYTES) through one live `bdserve serve --lab`; the server cover-fits them "
-             "to 32x32. Brackets: 95% Wilson intervals.", "",
-             "| model | defense | digital ASR % | physical ASR % | accuracy on triggered photos % | clean photos' accuracy % | errors |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "to 32x32. Brackets: 95% Wilson intervals. Effective shrink: how many pixels smaller than 32 the "
+             "printed image lands in the model's input after that fit (the background around it plays ShrinkPad's "
+             "padding); the split shows the physical ASR for photos within the enhanced attack's maximal shrink "
+             "and beyond it (photo counts in parentheses).", "",
+             "| model | defense | digital ASR % | physical ASR % | physical ASR, shrink within / beyond max shrink % "
+             "| accuracy on triggered photos % | clean photos' accuracy % | errors |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
     for m in doc["models"]:
         for d, r in m["defenses"].items():
             s = r["physical"]
-            lines.append(f"| {m['model']} | {d} | {pct(r['digital_asr'])} | {pct(s['physical_asr'])} | "
+            split = " / ".join(f"{pct(b, ci=False)} ({b['n']})" for b in r["by_shrink"])
+            lines.append(f"| {m['model']} | {d} | {pct(r['digital_asr'])} | {pct(s['physical_asr'])} | {split} | "
                          f"{pct(s['attack_photos_accuracy'])} | {pct(s['clean_accuracy'])} | {s['errors']} |")
     lines += ["", "Contact sheets: " + ", ".join(r["contact_sheet"] for m in doc["models"] for r in m["defenses"].values()),
               "", f"Command: `{doc['command']}`", ""]
