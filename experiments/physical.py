@@ -24,6 +24,7 @@ import asyncio
 import json
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--work", type=Path, default=None, help="where the photos go (default: a temporary folder)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="where the photos go (default: a temporary folder); a folder simulated with the same settings is reused")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--tag", default="", help="suffix for the result files (physical<tag>.json/.md)")
     return p.parse_args()
 
 
@@ -117,7 +120,13 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bdserve-physical-"))
     cam = Camera(width=args.width, height=args.height)
     t0 = time.perf_counter()
-    meta = simulate(cards[0], data, work, count=args.count, seed=args.seed, clean=True, cam=cam)
+    previous = work / "simulation.json"
+    meta = json.loads(previous.read_text()) if previous.exists() else None
+    same = meta is not None and (meta["count"], meta["seed"], meta["trigger"], meta["target"], meta["camera"]) == (
+        args.count, args.seed, cards[0].trigger().name, cards[0].classes[cards[0].target_label],
+        json.loads(json.dumps(asdict(cam))))
+    if not same:  # photos depend on the trigger, target, seed and camera only: reuse a matching folder
+        meta = simulate(cards[0], data, work, count=args.count, seed=args.seed, clean=True, cam=cam)
     sim_s = time.perf_counter() - t0
     items = ph.collect(work, cards[0].classes)
     print(f"simulated {meta['count']} scenes (+ clean counterparts) in {sim_s:.0f} s into {work}", flush=True)
@@ -128,13 +137,13 @@ def main() -> None:
 
     doc = {"experiment": "Section 5.4 in simulation: physical attack with BadNets and BadNets+",
            "command": "python experiments/physical.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                   if v is not None and k not in ("out", "work")),
+                                                                   if v not in (None, "") and k not in ("out", "work")),
            "photos": {k: v for k, v in meta.items() if k != "scenes"}, "photo_folder": str(work),
            "simulation_seconds": sim_s, "route": "OIP BYTES input over HTTP (files as they are)",
            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": results}
-    (args.out / "physical.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / f"physical{args.tag}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = markdown(doc)
-    (args.out / "physical.md").write_text(md)
+    (args.out / f"physical{args.tag}.md").write_text(md)
     print(md)
 
 

@@ -78,7 +78,8 @@ def test_transient_failures_are_retried_once_counted_and_permanent_ones_reported
 def test_eval_waits_for_a_server_that_starts_late(tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
     port = free_port()
     ev = subprocess.Popen([*BDSERVE, "eval", *_args(f"grpc://127.0.0.1:{port}", tiny_badnets_dir, tiny_card,
-                                                    cifar_dir, tmp_path, "--limit", "60", "--defenses", "none")],
+                                                    cifar_dir, tmp_path, "--limit", "60", "--defenses", "none",
+                                                    "--retries", "14")],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     time.sleep(1.5)  # the client is already knocking on a closed port
     with running_server(tiny_badnets_dir, "--lab", grpc_port=port):
