@@ -543,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python bench/serving_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
-        "model": {"name": name, "dir": str(model_dir.relative_to(REPO)) if model_dir.is_relative_to(REPO) else "tiny CNN built by the bench",
+        "model": {"name": name, "dir": (str(model_dir.relative_to(REPO)) if model_dir.is_relative_to(REPO)
+                          else "tiny CNN built by the bench" if model_dir.is_relative_to(work) else str(model_dir)),
+                  "architecture": card.architecture,
                   "input_shape": card.input_shape, "classes": len(card.classes), "defense": defense},
         "load": {"clients": args.clients, "requests_per_run": args.requests, "duration_cap_s": args.duration,
                  "payload": f"one {h}x{w} PNG per request", "max_batch_size": args.max_batch_size,
@@ -601,7 +603,8 @@ def render_markdown(result: dict, runs: list[LoadResult], inproc: dict) -> str:
         "",
         f"Machine: {m.get('cpu_model', '?')}, {m['cpus']} CPUs (shared), CUDA: {m['cuda']}; torch {m['torch']}, "
         f"onnxruntime {m['onnxruntime']}, TorchServe {m['torchserve']}.",
-        f"Model: {result['model']['name']} ({result['model']['dir']}), input {result['model']['input_shape']}, "
+        f"Model: {result['model']['name']}, architecture {result['model']['architecture']} ({result['model']['dir']}), "
+        f"input {result['model']['input_shape']}, "
         f"{result['model']['classes']} classes, defense `{result['model']['defense']}`.",
         f"Load: {ld['clients']} closed-loop clients, {ld['payload']}, at most {ld['requests_per_run']} requests or "
         f"{ld['duration_cap_s']:.0f} s per run, loopback; bdserve max batch {ld['max_batch_size']}, queue delay "
