@@ -191,9 +191,10 @@ def contact_sheet(results: list[dict], path: Path, title: str = "", thumb: int =
             color = "red" if r.get("hit_target") else ("green" if r["pred"] == r["label"] else "black")
             text = f"-> {r['pred_name']}"
         tag = {"triggered": "T ", "clean": "C "}.get(r.get("kind") or "", "")
-        draw.text((x, y + thumb + 2), f"{tag}{(r.get('label_name') or '?')[:10]} {Path(r['file']).stem[:8]}",
+        chars = max(8, thumb // 6)  # the default bitmap font is about 6 px a character
+        draw.text((x, y + thumb + 2), f"{tag}{Path(r['file']).stem[:4]} {r.get('label_name') or '?'}"[:chars],
                   fill="black", font=font)
-        draw.text((x, y + thumb + 15), text[:22], fill=color, font=font)
+        draw.text((x, y + thumb + 15), text[:chars], fill=color, font=font)
     sheet.save(path)
     return path
 
