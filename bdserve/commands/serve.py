@@ -10,6 +10,21 @@ from typing import List, Optional
 import typer
 
 
+def event_loop_factory(choice: str):
+    """uvloop roughly doubles HTTP throughput on small CPUs (bench/results/serving_summary.md)."""
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise typer.BadParameter(f"--loop must be auto, uvloop or asyncio, not {choice!r}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise typer.BadParameter("--loop uvloop: uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -30,6 +45,8 @@ def register(app: typer.Typer) -> None:
         max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
         max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest decoded image, in pixels (decompression-bomb guard)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: its own choice)."),
+        torch_threads: int = typer.Option(1, "--torch-threads", help="torch CPU threads for decoding and the defense (default 1: ONNX Runtime's pool does the heavy work, and two pools fighting over few cores slow both)."),
+        loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
         grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
     ) -> None:
@@ -41,7 +58,11 @@ def register(app: typer.Typer) -> None:
         from bdserve.serve.service import InferenceService
         from bdserve.settings import model_store as default_store
 
+        import torch
+
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
         store = model_store or default_store()
         limit = int(max_body_mb * 1024 * 1024)
         try:
@@ -58,5 +79,6 @@ def register(app: typer.Typer) -> None:
                                    max_queue_images=max_queue)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level)
-        code = asyncio.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
+        with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
+            code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
         raise typer.Exit(code)
