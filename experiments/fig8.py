@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--transport", default="grpc", choices=["http", "grpc"])
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--tag", default="", help="suffix for the result files (fig8<tag>.png/.json/.md)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.models.split(",")
@@ -52,16 +53,17 @@ def main() -> None:
             print(rep["table1_row"], flush=True)
     eps = models[0]["max_shrink"]
     series = {m["model"]: (KS, [r["triggered"]["asr"] for r in m["rows"][1:]]) for m in models}
-    plots.shrink_curves(series, eps, "ASR of enhanced attacks under ShrinkPad-k, through the service", args.out / "fig8.png")
+    plots.shrink_curves(series, eps, "ASR of enhanced attacks under ShrinkPad-k, through the service", args.out / f"fig8{args.tag}.png")
     doc = {"experiment": "Fig. 8 through the service", "defenses": defenses, "limit": args.limit,
            "transport": args.transport, "seconds": time.perf_counter() - t0,
-           "command": f"python experiments/fig8.py --limit {args.limit} --models {args.models} --transport {args.transport}",
+           "command": (f"python experiments/fig8.py --store {args.store} --limit {args.limit} --models {args.models} "
+                       f"--transport {args.transport}" + (f" --tag {args.tag}" if args.tag else "")),
            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "models": [{**m, "rows": [{k: r[k] for k in ("defense", "applied", "images", "errors", "seconds",
                                                           "throughput_images_per_s")}
                                      | {"clean_accuracy": r["clean"]["accuracy"], "asr": r["triggered"]["asr"]}
                                      for r in m["rows"]]} for m in models]}
-    (args.out / "fig8.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / f"fig8{args.tag}.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Fig. 8 through the service: ASR (%) under ShrinkPad-k", "",
              f"Enhanced attacks trained with maximal shrink {eps}; {models[0]['clean_images']} clean and about "
              f"{models[0]['triggered_images']} triggered test images per cell, through one live `bdserve serve --lab` "
@@ -71,7 +73,7 @@ def main() -> None:
         lines.append(f"| {m['model']} ASR | " + " | ".join(pct(r["triggered"]["asr"]) for r in m["rows"]) + " |")
         lines.append(f"| {m['model']} clean | " + " | ".join(pct(r["clean"]["accuracy"], ci=False) for r in m["rows"]) + " |")
     lines += ["", f"Command: `{doc['command']}`", ""]
-    (args.out / "fig8.md").write_text("\n".join(lines))
+    (args.out / f"fig8{args.tag}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
