@@ -29,10 +29,18 @@ def demo_command(
     """Train (or reuse) a BadNets-infected model, serve it with ShrinkPad, and send requests through it."""
     from rich.console import Console
 
+    console = Console()
+    try:
+        run_demo(out, data, retrain, images, console)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+
+
+def run_demo(out: Path, data: Optional[Path], retrain: bool, images: int, console) -> None:
     from bdserve.card import ModelCard
     from bdserve.training.recipe import TrainConfig, run
 
-    console = Console()
     if (out / "card.json").exists() and not retrain:
         card = ModelCard.load(out)
         console.print(f"[bold]1.[/bold] Using the trained demo model in {out} (--retrain to train it again).")
