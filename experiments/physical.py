@@ -24,7 +24,7 @@ import asyncio
 import json
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +57,48 @@ def parse() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None,
                    help="where the photos go (default: a temporary folder); a folder simulated with the same settings is reused")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--ablation", type=int, default=100, help="photos per camera-factor preset (0: no ablation)")
     p.add_argument("--tag", default="", help="suffix for the result files (physical<tag>.json/.md)")
     return p.parse_args()
+
+
+def simulated(card: ModelCard, data: Path, folder: Path, count: int, seed: int, clean: bool, cam: Camera) -> dict:
+    """The photos in ``folder``, rendered unless a previous run left a matching set there (they depend
+    on the trigger, target, seed and camera only)."""
+    previous = folder / "simulation.json"
+    meta = json.loads(previous.read_text()) if previous.exists() else None
+    key = (count, seed, clean, card.trigger().name, card.classes[card.target_label], json.loads(json.dumps(asdict(cam))))
+    if meta is not None and (meta["count"], meta["seed"], meta["clean_counterparts"], meta["trigger"], meta["target"],
+                             meta["camera"]) == key:
+        return meta
+    return simulate(card, data, folder, count=count, seed=seed, clean=clean, cam=cam)
+
+
+def presets(cam: Camera) -> dict[str, Camera]:
+    """Camera factors one at a time, for the ablation: everything ideal except the named group."""
+    ideal = replace(cam, fill=(1.0, 1.0), shift=0.0, margin=0.0, tilt=0.0, blur_sigma=(0.01, 0.01),
+                    brightness=(1.0, 1.0), gradient=0.0, color_cast=0.0, noise_std=(0.0, 0.0),
+                    jpeg_quality=(95, 95), paper_gamut=(0.0, 1.0))
+    return {
+        "ideal (print and photo, nothing else)": ideal,
+        "ideal, bicubic print": replace(ideal, print_resample="bicubic"),
+        "geometry (scale, position, tilt, margin)": replace(ideal, fill=cam.fill, shift=cam.shift, margin=cam.margin, tilt=cam.tilt),
+        "light (brightness, gradient, cast, paper gamut)": replace(ideal, brightness=cam.brightness, gradient=cam.gradient,
+                                                                    color_cast=cam.color_cast, paper_gamut=cam.paper_gamut),
+        "optics and sensor (blur, noise, JPEG)": replace(ideal, blur_sigma=cam.blur_sigma, noise_std=cam.noise_std,
+                                                         jpeg_quality=cam.jpeg_quality),
+    }
+
+
+async def ablation_asr(url: str, cards: list[ModelCard], folders: dict[str, Path]) -> dict:
+    out = {}
+    for c in cards:
+        async with open_client(url, c.name, c.classes, concurrency=4) as client:
+            await with_retries(client.connect, RetryPolicy())
+            for name, folder in folders.items():
+                results = await ph.classify(client, ph.collect(folder, c.classes), route="oip", defense="none", concurrency=4)
+                out.setdefault(name, {})[c.name] = ph.summarize(results, c.classes, c.target_label)["physical_asr"]
+    return out
 
 
 def effective_shrink(scene: dict, cam: Camera, size: int) -> float:
@@ -123,27 +163,28 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bdserve-physical-"))
     cam = Camera(width=args.width, height=args.height)
     t0 = time.perf_counter()
-    previous = work / "simulation.json"
-    meta = json.loads(previous.read_text()) if previous.exists() else None
-    same = meta is not None and (meta["count"], meta["seed"], meta["trigger"], meta["target"], meta["camera"]) == (
-        args.count, args.seed, cards[0].trigger().name, cards[0].classes[cards[0].target_label],
-        json.loads(json.dumps(asdict(cam))))
-    if not same:  # photos depend on the trigger, target, seed and camera only: reuse a matching folder
-        meta = simulate(cards[0], data, work, count=args.count, seed=args.seed, clean=True, cam=cam)
+    meta = simulated(cards[0], data, work, args.count, args.seed, True, cam)
     sim_s = time.perf_counter() - t0
     items = ph.collect(work, cards[0].classes)
     print(f"simulated {meta['count']} scenes (+ clean counterparts) in {sim_s:.0f} s into {work}", flush=True)
 
+    folders = {}
+    if args.ablation:
+        for i, (name, preset) in enumerate(presets(cam).items()):
+            folders[name] = work / "ablation" / str(i)
+            simulated(cards[0], data, folders[name], args.ablation, args.seed, False, preset)
     with served(args.store, names, "--lab") as addr:
         results = [asyncio.run(run_model(addr["http"], c, items, meta["scenes"], data, args.out, cam, work))
                    for c in cards]
+        ablation = asyncio.run(ablation_asr(addr["http"], cards, folders)) if folders else None
 
     doc = {"experiment": "Section 5.4 in simulation: physical attack with BadNets and BadNets+",
            "command": "python experiments/physical.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                    if v not in (None, "") and k not in ("out", "work")),
            "photos": {k: v for k, v in meta.items() if k != "scenes"}, "photo_folder": str(work),
            "simulation_seconds": sim_s, "route": "OIP BYTES input over HTTP (files as they are)",
-           "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": results}
+           "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": results,
+           "ablation": ablation, "ablation_photos": args.ablation}
     (args.out / f"physical{args.tag}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = markdown(doc)
     (args.out / f"physical{args.tag}.md").write_text(md)
@@ -154,8 +195,10 @@ def markdown(doc: dict) -> str:
     p = doc["photos"]
     lines = ["# Physical attack in simulation (Section 5.4)", "",
              f"{p['count']} test images whose label is not the target ({p['target']}), stamped with the "
-             f"{p['trigger']} trigger, printed and photographed in simulation at {p['camera']['width']}x"
-             f"{p['camera']['height']} (seed {p['seed']}); each also photographed clean in the same scene. "
+             f"{p['trigger']} trigger, printed ({p['camera'].get('print_resample', 'bicubic')} enlargement) and photographed "
+             f"in simulation at {p['camera']['width']}x{p['camera']['height']} (seed {p['seed']}; print side "
+             f"{p['camera']['fill'][0]}-{p['camera']['fill'][1]} of the frame's shorter side, tilt, defocus, lighting, "
+             f"noise, JPEG: serve/evaluation/physical.py); each also photographed clean in the same scene. "
              "Photos sent as files (OIP BYTES) through one live `bdserve serve --lab`; the server cover-fits them "
              "to 32x32. Brackets: 95% Wilson intervals. Effective shrink: how many pixels smaller than 32 the "
              "printed image lands in the model's input after that fit (the background around it plays ShrinkPad's "
@@ -170,6 +213,14 @@ def markdown(doc: dict) -> str:
             split = " / ".join(f"{pct(b, ci=False)} ({b['n']})" for b in r["by_shrink"])
             lines.append(f"| {m['model']} | {d} | {pct(r['digital_asr'])} | {pct(s['physical_asr'])} | {split} | "
                          f"{pct(s['attack_photos_accuracy'])} | {pct(s['clean_accuracy'])} | {s['errors']} |")
+    if doc.get("ablation"):
+        names = [m["model"] for m in doc["models"]]
+        lines += ["", f"## Which camera factor breaks the trigger (defense none, {doc['ablation_photos']} triggered photos each)", "",
+                  "Each row renders the same scenes with every factor ideal except the named group (the table above is "
+                  "all factors together).", "",
+                  "| camera | " + " | ".join(f"{n} physical ASR %" for n in names) + " |", "|---|" + "---:|" * len(names)]
+        for preset, by_model in doc["ablation"].items():
+            lines.append(f"| {preset} | " + " | ".join(pct(by_model[n]) for n in names) + " |")
     lines += ["", "Contact sheets: " + ", ".join(r["contact_sheet"] for m in doc["models"] for r in m["defenses"].values()
                                              if r["contact_sheet"]),
               "", f"Command: `{doc['command']}`", ""]

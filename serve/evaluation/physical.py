@@ -1,7 +1,8 @@
 """Print-and-photograph simulation of triggered test images (Section 5.4 without a camera).
 
 Each test image (true label not the target) is stamped with the card's trigger and
-"printed": enlarged with bicubic interpolation, its colours squeezed into a paper's
+"printed": enlarged (nearest neighbour by default, every pixel a crisp square; bicubic
+optionally), its colours squeezed into a paper's
 gamut, a thin white margin around it. The print is then "photographed": laid on a
 textured background at a random scale and position near the frame's centre (the
 photographer aims at it), tilted in perspective (each corner moved at random), lit by
@@ -48,17 +49,33 @@ class Camera:
     noise_std: tuple[float, float] = (1.5, 5.0)  # sensor noise, in 0..255 levels
     jpeg_quality: tuple[int, int] = (70, 95)
     paper_gamut: tuple[float, float] = (0.04, 0.94)  # black ink and paper white, in [0, 1]
+    # How the print enlarges the image: "nearest" keeps every pixel a crisp square (an attacker
+    # prints the trigger as it is); "bicubic" is what a photo viewer's print dialog tends to do.
+    print_resample: str = "nearest"
 
 
 def _u(g: torch.Generator, lo: float, hi: float) -> float:
     return float(lo + (hi - lo) * torch.rand((), generator=g))
 
 
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian defocus on (3, H, W) as two 1-D passes (separable: k, not k^2, taps per pixel),
+    reflect-padded like torchvision's gaussian_blur."""
+    r = int(np.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).view(1, 1, -1).expand(3, 1, -1)
+    y = torch.nn.functional.pad(x[None], (r, r, r, r), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k.unsqueeze(2), groups=3)  # along rows
+    y = torch.nn.functional.conv2d(y, k.unsqueeze(3), groups=3)  # along columns
+    return y[0]
+
+
 def background(g: torch.Generator, h: int, w: int) -> torch.Tensor:
     """A table-like texture (3, h, w) in [0, 1]: a random tint, low-frequency blotches and grain."""
     tint = 0.25 + 0.5 * torch.rand(3, 1, 1, generator=g)
     blotches = torch.rand(1, 3, 6, 8, generator=g)
-    low = torch.nn.functional.interpolate(blotches, size=(h, w), mode="bicubic", align_corners=False)[0]
+    low = torch.nn.functional.interpolate(blotches, size=(h, w), mode="bilinear", align_corners=False)[0]
     grain = torch.rand(1, h // 4, w // 4, generator=g)
     grain = torch.nn.functional.interpolate(grain[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     return (tint * (0.7 + 0.3 * low) + 0.05 * (grain - 0.5)).clamp(0, 1)
@@ -71,7 +88,8 @@ def render(image: np.ndarray, g: torch.Generator, cam: Camera = Camera()) -> tup
     side = max(8, int(round(_u(g, *cam.fill) * short)))
     inner = max(4, int(round(side * (1 - 2 * cam.margin))))
     # Print: bicubic enlargement, ink gamut, paper margin.
-    printed = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).resize((inner, inner), Image.Resampling.BICUBIC)
+    resample = {"nearest": Image.Resampling.NEAREST, "bicubic": Image.Resampling.BICUBIC}[cam.print_resample]
+    printed = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).resize((inner, inner), resample)
     p = torch.from_numpy(np.asarray(printed, dtype=np.float32) / 255).permute(2, 0, 1)
     lo, hi = cam.paper_gamut
     paper = torch.full((3, side, side), hi)
@@ -100,8 +118,7 @@ def render(image: np.ndarray, g: torch.Generator, cam: Camera = Camera()) -> tup
     scene = (scene * light * cast).clamp(0, 1)
     # Optics and sensor: defocus, noise.
     sigma = _u(g, *cam.blur_sigma)
-    k = 2 * int(np.ceil(3 * sigma)) + 1
-    scene = TF.gaussian_blur(scene[None], [k, k], [sigma, sigma])[0]
+    scene = _blur(scene, sigma)
     noise = _u(g, *cam.noise_std) / 255
     scene = (scene + noise * torch.randn(scene.shape, generator=g)).clamp(0, 1)
     quality = int(round(_u(g, *cam.jpeg_quality)))
