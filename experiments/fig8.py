@@ -57,7 +57,7 @@ def main() -> None:
     doc = {"experiment": "Fig. 8 through the service", "defenses": defenses, "limit": args.limit,
            "transport": args.transport, "seconds": time.perf_counter() - t0,
            "command": (f"python experiments/fig8.py --store {args.store} --limit {args.limit} --models {args.models} "
-                       f"--transport {args.transport}" + (f" --tag {args.tag}" if args.tag else "")),
+                       f"--transport {args.transport}" + (f" --tag={args.tag}" if args.tag else "")),
            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "models": [{**m, "rows": [{k: r[k] for k in ("defense", "applied", "images", "errors", "seconds",
                                                           "throughput_images_per_s")}

@@ -179,7 +179,7 @@ def main() -> None:
         ablation = asyncio.run(ablation_asr(addr["http"], cards, folders)) if folders else None
 
     doc = {"experiment": "Section 5.4 in simulation: physical attack with BadNets and BadNets+",
-           "command": "python experiments/physical.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+           "command": "python experiments/physical.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                                                    if v not in (None, "") and k not in ("out", "work")),
            "photos": {k: v for k, v in meta.items() if k != "scenes"}, "photo_folder": str(work),
            "simulation_seconds": sim_s, "route": "OIP BYTES input over HTTP (files as they are)",
