@@ -55,14 +55,15 @@ def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir
 
 def test_transient_failures_are_retried_once_counted_and_permanent_ones_reported(
         tiny_server, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
-    # One request at a time, batches of 64 over 100 clean + 90 triggered images: requests go
-    # clean[0:64], clean[64:100], triggered[0:64], triggered[64:90]. The proxy answers 503 twice
-    # (the first batch is retried), then forwards, then refuses the second batch with a 400.
-    with FlakyProxy(tiny_server["http"], [503, 503, None, 400]) as proxy:
+    # One request at a time, batches of 64 over 100 clean + 90 triggered images: after the
+    # client's one uncounted probe of the asked defense, requests go clean[0:64], clean[64:100],
+    # triggered[0:64], triggered[64:90]. The proxy forwards the probe, answers 503 twice (the
+    # first batch is retried), forwards, then refuses the second batch with a 400.
+    with FlakyProxy(tiny_server["http"], [None, 503, 503, None, 400]) as proxy:
         r = run_eval(*_args(proxy.url, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path, "--limit", "100",
                             "--defenses", "none", "--batch-size", "64", "--concurrency", "1"))
     assert r.returncode == 1, r.stdout + r.stderr  # some images failed: said by the exit code
-    assert proxy.answered == [503, 503, 200, 400, 200, 200]
+    assert proxy.answered == [200, 503, 503, 200, 400, 200, 200]
     row = read_report(tmp_path)["rows"][0]
     c, t = row["clean"], row["triggered"]
     assert row["retries"] == 2 and row["requests"] == 4
