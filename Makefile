@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench experiment clean install
+.PHONY: demo test bench soak experiment clean install
 
 install: $(STAMP)
 
@@ -19,8 +19,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Benchmarks print a table and write bench/results/ (the soak takes 5 minutes: make soak).
 bench: $(STAMP)
 	$(BIN)/python bench/transforms_bench.py
+	$(BIN)/python bench/serving_bench.py
+	$(BIN)/python bench/eval_bench.py --model-dir model_store/demo
+
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 experiment: $(STAMP)
 	$(BIN)/python experiments/tables.py
