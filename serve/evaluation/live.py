@@ -1,5 +1,5 @@
 """A live `bdserve serve` in a subprocess on free loopback ports, for experiments and benchmarks
-that evaluate through the real service (tests have their own copy in tests/eval)."""
+that evaluate through the real service, and for the evaluation tests."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 
 @contextmanager
-def served(store: Path, models: list[str], *flags: str):
+def served(store: Path, models: list[str], *flags: str, http_port: int = 0, grpc_port: int = 0):
     """Yields {"http": url, "grpc": "grpc://host:port", "banner": startup lines}; SIGTERM on exit."""
-    cmd = [sys.executable, "-m", "bdserve.cli", "serve", "--model-store", str(store), "--http-port", "0",
-           "--grpc-port", "0", *flags]
+    cmd = [sys.executable, "-m", "bdserve.cli", "serve", "--model-store", str(store), "--http-port", str(http_port),
+           "--grpc-port", str(grpc_port), *flags]
     for m in models:
         cmd += ["--model", m]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+
+from bdserve.serve.evaluation.live import served
 
 BDSERVE = [sys.executable, "-m", "bdserve.cli"]
 ENV = {**os.environ, "BDSERVE_PROGRESS": "0"}
@@ -26,36 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_cmd(model_dir: Path, *extra: str, http_port: int = 0, grpc_port: int = 0) -> list[str]:
-    return [*BDSERVE, "serve", "--model-store", str(model_dir.parent), "--model", model_dir.name,
-            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--threads", "1", *extra]
-
-
 @contextmanager
 def running_server(model_dir: Path, *extra: str, http_port: int = 0, grpc_port: int = 0):
     """`bdserve serve` in a subprocess; yields {"http": url, "grpc": host:port}; SIGTERM at the end."""
-    proc = subprocess.Popen(serve_cmd(model_dir, *extra, http_port=http_port, grpc_port=grpc_port),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    addr, seen = {}, []
-    try:
-        for line in proc.stdout:  # bounded: the process ends or announces both doors
-            seen.append(line)
-            if line.startswith("HTTP listening on "):
-                addr["http"] = line.split()[-1]
-            elif line.startswith("gRPC listening on "):
-                addr["grpc"] = line.split()[-1]
-            if len(addr) == 2:
-                break
-        assert len(addr) == 2, "server did not start:\n" + "".join(seen)
-        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep the pipe drained
-        yield addr
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with served(model_dir.parent, [model_dir.name], "--threads", "1", *extra,
+                http_port=http_port, grpc_port=grpc_port) as addr:
+        yield {"http": addr["http"], "grpc": addr["grpc"].removeprefix("grpc://")}
 
 
 def run_eval(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
