@@ -266,7 +266,8 @@ async def _predictions(service: InferenceService, name: str, request: Request) -
     else:
         blob = await request.body()
     x = await service.to_tensor(model, "image", "BYTES", [1], [blob])
-    pred = await service.infer(model, x)
+    # ?defense=SPEC: like OIP's parameters.defense, honoured only by a --lab server (else 403).
+    pred = await service.infer(model, x, defense=request.query_params.get("defense"))
     headers = {"X-Bdserve-Defense": pred.defense}
     if pred.suspected is not None:
         headers["X-Bdserve-Suspected-Trigger"] = "true" if bool(pred.suspected[0]) else "false"

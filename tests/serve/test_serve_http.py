@@ -126,6 +126,16 @@ def test_torchserve_style_predictions(server, tiny_model, rng):
     assert r.status_code == 400 and "'data'" in r.json()["error"]
 
 
+def test_predictions_defense_query_only_in_lab_mode(server, lab_server, tiny_model, rng):
+    img = encode(random_image(rng, 32, 32), "PNG")
+    refused = httpx.post(f"{server.http_url}/predictions/tiny?defense=none", content=img)
+    assert refused.status_code == 403 and "--lab" in refused.json()["error"]
+    r = httpx.post(f"{lab_server.http_url}/predictions/tiny?defense=none", content=img)
+    assert r.status_code == 200 and r.headers["X-Bdserve-Defense"] == "none"
+    expect = tiny_model.postprocess(tiny_model.predict(tiny_model.decode([img]), defense="none"))[0]
+    assert list(r.json()) == list(expect)
+
+
 def _bad_requests(rng):
     """(what, method kwargs, expected status, message regex) for every bad-input class."""
     good = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
