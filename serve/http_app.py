@@ -123,29 +123,26 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None):
-        with service.observe(name, PROTOCOL) as box:
-            try:
-                return await _infer(service, name, version, request)
-            except ServeError as e:
-                box["code"] = str(e.http_status)
-                return _error(e)
-            except Exception:
-                box["code"] = "500"
-                return _internal(name)
+        return await _observed(service, name, _infer(service, name, version, request))
 
     @app.post("/predictions/{name}")
     async def predictions(name: str, request: Request):
-        with service.observe(name, PROTOCOL) as box:  # an HTTP route like the others
-            try:
-                return await _predictions(service, name, request)
-            except ServeError as e:
-                box["code"] = str(e.http_status)
-                return _error(e)
-            except Exception:
-                box["code"] = "500"
-                return _internal(name)
+        return await _observed(service, name, _predictions(service, name, request))
 
     return BodyLimit(app, max_body_bytes)
+
+
+async def _observed(service: InferenceService, name: str, work) -> Response:
+    """Run a prediction route's coroutine, counting it and turning errors into answers."""
+    with service.observe(name, PROTOCOL) as box:
+        try:
+            return await work
+        except ServeError as e:
+            box["code"] = str(e.http_status)
+            return _error(e)
+        except Exception:
+            box["code"] = "500"
+            return _internal(name)
 
 
 async def _infer(service: InferenceService, name: str, version: str | None, request: Request) -> Response:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from bdserve.transforms.base import Transform, randint
 from bdserve.transforms.enhance import RandomFlip
+from bdserve.transforms.spatial import windows
 
 
 class RandomCrop(Transform):
@@ -29,12 +29,7 @@ class RandomCrop(Transform):
 
     def apply(self, x, params):
         top, left = params
-        b, c, h, w = x.shape
-        padded = F.pad(x, [self.padding] * 4)
-        rows = top.view(b, 1, 1) + torch.arange(h, device=x.device).view(1, h, 1)
-        cols = left.view(b, 1, 1) + torch.arange(w, device=x.device).view(1, 1, w)
-        batch = torch.arange(b, device=x.device).view(b, 1, 1)
-        return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+        return windows(F.pad(x, [self.padding] * 4), top, left, x.shape[-2], x.shape[-1])
 
 
 class StandardAugment(Transform):

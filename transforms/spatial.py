@@ -2,9 +2,9 @@
 
 Why plain torch here and not Kornia's augmentation classes: Kornia's random
 augmentations draw from the global RNG, never a caller's ``torch.Generator``, and
-its per-image padding has no batched form. Measured on 256x3x32x32 on a 2-core CPU
-(bench/results/transforms-cpu.md): Flip 0.12 ms vs Kornia's RandomHorizontalFlip
-0.19 ms; ShrinkPad-4 5.7 ms vs Kornia resize + per-image pad 14.8 ms. The resize is
+its per-image padding has no batched form. Measured on 256x3x32x32 on an idle 2-core
+CPU (bench/results/transforms-cpu.md): Flip 0.07 ms vs Kornia's RandomHorizontalFlip
+0.16 ms; ShrinkPad-4 1.9 ms vs Kornia resize + per-image pad 3.0 ms. The resize is
 the same bilinear F.interpolate (align_corners=False, no antialiasing) that
 ``kornia.geometry.resize`` calls underneath.
 """
@@ -29,20 +29,25 @@ def shrink(x: torch.Tensor, k: int) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
 
 
-def place(small: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Put each image of ``small`` on a zero canvas of (height, width) at its own (top, left).
+def windows(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Cut a (height, width) window out of each image of ``x`` at its own (top, left).
 
-    One gather from a zero-padded copy instead of a Python loop over the batch (measured
-    in bench/transforms_bench.py: faster than index_put or grouping by offset).
+    One gather instead of a Python loop over the batch (measured in
+    bench/transforms_bench.py: faster than index_put or grouping by offset).
     """
-    b, c, h, w = small.shape
-    pad_h, pad_w = height - h, width - w
+    b, c, _, w = x.shape
+    rows = torch.arange(height, device=x.device).view(1, height, 1) + top.view(b, 1, 1)
+    cols = torch.arange(width, device=x.device).view(1, 1, width) + left.view(b, 1, 1)
+    index = (rows * w + cols).view(b, 1, height * width).expand(b, c, height * width)
+    return x.flatten(2).gather(2, index).view(b, c, height, width)
+
+
+def place(small: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Put each image of ``small`` on a zero canvas of (height, width) at its own (top, left):
+    a window of a zero-padded copy."""
+    pad_h, pad_w = height - small.shape[-2], width - small.shape[-1]
     padded = F.pad(small, (pad_w, pad_w, pad_h, pad_h))
-    padded_w = padded.shape[-1]
-    rows = torch.arange(height, device=small.device).view(1, height, 1) + (pad_h - top).view(b, 1, 1)
-    cols = torch.arange(width, device=small.device).view(1, 1, width) + (pad_w - left).view(b, 1, 1)
-    index = (rows * padded_w + cols).view(b, 1, height * width).expand(b, c, height * width)
-    return padded.flatten(2).gather(2, index).view(b, c, height, width)
+    return windows(padded, pad_h - top, pad_w - left, height, width)
 
 
 def shrink_pad(x: torch.Tensor, k: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:

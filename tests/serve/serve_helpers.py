@@ -89,3 +89,22 @@ def metric(text: str, name: str, **labels) -> float:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def pack_bytes(blobs: list[bytes]) -> bytes:
+    """BYTES tensor contents: each element a 4-byte little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+
+
+def decode_raw_output(datatype: str, shape, raw: bytes):
+    """An output's raw contents as the test reads them (written here, not taken from the server)."""
+    if datatype == "FP32":
+        return np.frombuffer(raw, "<f4").reshape(list(shape))
+    if datatype == "BOOL":
+        return np.frombuffer(raw, np.bool_)
+    vals, pos = [], 0
+    while pos < len(raw):
+        (k,) = struct.unpack_from("<I", raw, pos)
+        vals.append(raw[pos + 4: pos + 4 + k].decode())
+        pos += 4 + k
+    return vals

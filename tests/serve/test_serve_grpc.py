@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import struct
 
 import grpc
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from serve_helpers import MAX_BODY, bomb_png, encode, random_image
+from serve_helpers import MAX_BODY, bomb_png, decode_raw_output, encode, pack_bytes, random_image
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +39,8 @@ def request(model, datatype, shape, raw, name="input", version="", **params):
 def outputs(resp) -> dict:
     out = {}
     for o, raw in zip(resp.outputs, resp.raw_output_contents):
-        if o.datatype == "FP32":
-            out[o.name] = np.frombuffer(raw, "<f4").reshape(list(o.shape))
-        elif o.datatype == "BOOL":
-            out[o.name] = np.frombuffer(raw, np.bool_)
-        else:
-            vals, pos = [], 0
-            while pos < len(raw):
-                (k,) = struct.unpack_from("<I", raw, pos)
-                vals.append(raw[pos + 4: pos + 4 + k].decode())
-                pos += 4 + k
-            out[o.name] = vals
+        out[o.name] = decode_raw_output(o.datatype, o.shape, raw)
     return out
-
-
-def pack(blobs):
-    return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
 
 
 def test_health_and_metadata(stub):
@@ -92,7 +77,7 @@ def test_infer_matches_in_process(stub, tiny_model, rng):
 def test_images_and_requested_outputs(stub, tiny_model, rng):
     imgs = [encode(random_image(rng, 200, 300), "JPEG"), encode(random_image(rng, 50, 50), "WEBP")]
     expect = tiny_model.predict(tiny_model.decode(imgs))
-    req = request("tiny", "BYTES", [2], pack(imgs), name="image")
+    req = request("tiny", "BYTES", [2], pack_bytes(imgs), name="image")
     req.outputs.add(name="label")
     resp = stub.ModelInfer(req)
     assert [o.name for o in resp.outputs] == ["label"] and outputs(resp)["label"] == expect.labels
@@ -120,9 +105,9 @@ def test_bad_input_is_invalid_argument_and_next_request_works(stub, rng):
     typed_mismatch = pb.ModelInferRequest(model_name="tiny")
     typed_mismatch.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32]).contents.fp32_contents.extend([0.0] * 10)
     cases = [
-        (request("tiny", "BYTES", [1], pack([b"not an image, just text"]), name="image"), "INVALID_ARGUMENT", "not an image"),
-        (request("tiny", "BYTES", [1], pack([jpeg[:300]]), name="image"), "INVALID_ARGUMENT", "truncated|corrupt"),
-        (request("tiny", "BYTES", [1], pack([bomb_png()]), name="image"), "INVALID_ARGUMENT", "pixel"),
+        (request("tiny", "BYTES", [1], pack_bytes([b"not an image, just text"]), name="image"), "INVALID_ARGUMENT", "not an image"),
+        (request("tiny", "BYTES", [1], pack_bytes([jpeg[:300]]), name="image"), "INVALID_ARGUMENT", "truncated|corrupt"),
+        (request("tiny", "BYTES", [1], pack_bytes([bomb_png()]), name="image"), "INVALID_ARGUMENT", "pixel"),
         (request("tiny", "UINT8", [1, 3, 16, 16], bytes(768)), "INVALID_ARGUMENT", "expected shape"),
         (request("tiny", "INT32", [1, 3, 32, 32], bytes(3072 * 4)), "INVALID_ARGUMENT", "INT32 not accepted"),
         (request("tiny", "UINT8", [3, 32, 32], bytes(3072)), "INVALID_ARGUMENT", "rank"),

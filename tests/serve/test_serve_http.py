@@ -6,13 +6,12 @@ import asyncio
 import base64
 import json
 import re
-import struct
 
 import httpx
 import numpy as np
 import torch
 
-from serve_helpers import MAX_BODY, bomb_png, encode, metric, random_image
+from serve_helpers import MAX_BODY, bomb_png, decode_raw_output, encode, metric, pack_bytes, random_image
 
 
 def infer_json(url, model, arr: np.ndarray, datatype="UINT8", **extra):
@@ -29,10 +28,6 @@ def binary_request(inputs: list[tuple[str, str, list[int], bytes]], **extra) -> 
                                                          "Content-Type": "application/octet-stream"}
 
 
-def pack_bytes(blobs: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in blobs)
-
-
 def parse_binary_response(resp: httpx.Response) -> dict:
     n = int(resp.headers["Inference-Header-Content-Length"])
     doc = json.loads(resp.content[:n])
@@ -40,17 +35,7 @@ def parse_binary_response(resp: httpx.Response) -> dict:
     for o in doc["outputs"]:
         size = o["parameters"]["binary_data_size"]
         raw, rest = rest[:size], rest[size:]
-        if o["datatype"] == "FP32":
-            o["value"] = np.frombuffer(raw, "<f4").reshape(o["shape"])
-        elif o["datatype"] == "BOOL":
-            o["value"] = np.frombuffer(raw, np.bool_)
-        else:
-            vals, pos = [], 0
-            while pos < len(raw):
-                (k,) = struct.unpack_from("<I", raw, pos)
-                vals.append(raw[pos + 4: pos + 4 + k].decode())
-                pos += 4 + k
-            o["value"] = vals
+        o["value"] = decode_raw_output(o["datatype"], o["shape"], raw)
     assert rest == b""
     return doc
 
