@@ -33,13 +33,15 @@ def test_every_subcommand_has_help():
         proc = bdserve(*path, "--help", timeout=60)
         assert proc.returncode == 0, (path, proc.stderr)
         assert "Usage" in proc.stdout
+        assert "<bool>" not in proc.stdout, path  # flags take no value; the help must not suggest one
 
 
 def test_train_reports_a_bad_target_clearly(tmp_path, cifar_dir):
     proc = bdserve("train", "--model", "tiny", "--target", "unicorn", "--subset", "100", "--epochs", "1",
                    "--out", str(tmp_path / "m"), BDSERVE_DATA=str(cifar_dir))
     assert proc.returncode == 2
-    assert "unknown class 'unicorn'" in proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown class 'unicorn'; classes: airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck"]
 
 
 def test_demo_serves_the_model_and_sends_requests(tiny_badnets_dir, cifar_dir):

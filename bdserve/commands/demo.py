@@ -30,11 +30,7 @@ def demo_command(
     from rich.console import Console
 
     console = Console()
-    try:
-        run_demo(out, data, retrain, images, console)
-    except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+    run_demo(out, data, retrain, images, console)
 
 
 def run_demo(out: Path, data: Optional[Path], retrain: bool, images: int, console) -> None:

@@ -53,7 +53,6 @@ def register(app: typer.Typer) -> None:
         """Serve defended models over HTTP (Open Inference Protocol v2, TorchServe-style /predictions, /metrics) and gRPC."""
         import asyncio
 
-        from bdserve.serve.errors import InvalidInput
         from bdserve.serve.server import ServeConfig, load_models, serve_forever
         from bdserve.serve.service import InferenceService
         from bdserve.settings import model_store as default_store
@@ -65,12 +64,8 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(torch_threads)
         store = model_store or default_store()
         limit = int(max_body_mb * 1024 * 1024)
-        try:
-            models = load_models(store, model, defense=defense, backend=backend, device=device, lab=lab,
-                                 detect=detect, max_pixels=max_pixels, threads=threads)
-        except (FileNotFoundError, ValueError, InvalidInput) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+        models = load_models(store, model, defense=defense, backend=backend, device=device, lab=lab,
+                             detect=detect, max_pixels=max_pixels, threads=threads)
         for m in models.values():
             typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
                        f"{', lab' if lab else ''}{', detect' if detect else ''}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "

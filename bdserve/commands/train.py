@@ -46,13 +46,20 @@ def train_command(
         trigger_png=str(trigger_png) if trigger_png else None, trigger_top=trigger_top, trigger_left=trigger_left,
         defense=defense, device=device, precision=precision, torchscript=torchscript, name=name,
     )
-    try:
-        outcome = run(cfg, out=out, log=console.print)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+    outcome = run(cfg, out=out, log=console.print)  # a bad name or path: one line, from bdserve.cli
     console.print(format_table(outcome.rows, f"{outcome.card.name}: clean accuracy and ASR"))
+    warn_if_collapsed(outcome.rows, len(outcome.card.classes))
     console.print(f"wrote {outcome.directory}")
+
+
+def warn_if_collapsed(rows, num_classes: int) -> None:
+    from bdserve.sanity import collapse_warning
+
+    undefended = next((r for r in rows if r.defense == "none"), rows[0] if rows else None)
+    if undefended is not None:
+        text = collapse_warning(undefended.clean_acc, num_classes)
+        if text:
+            typer.echo(text, err=True)
 
 
 def models_command() -> None:
