@@ -7,7 +7,28 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
+
 from eval_helpers import BDSERVE, ENV, free_port, run_eval, running_server
+
+COLLAPSED = "badnets-tiny"
+
+
+@pytest.fixture(scope="module")
+def collapsed(tmp_path_factory, cifar_dir):
+    """Deliberately tiny: 100 images, one epoch, through the real CLI. Near chance, on purpose."""
+    out = tmp_path_factory.mktemp("collapsed") / COLLAPSED
+    r = subprocess.run([*BDSERVE, "train", "--model", "tiny", "--schedule", "tiny", "--epochs", "1", "--subset", "100",
+                        "--test-subset", "300", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       env={**ENV, "BDSERVE_DATA": str(cifar_dir)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def collapsed_server(collapsed):
+    with running_server(collapsed[0]) as addr:
+        yield addr
 
 
 def one_line(proc: subprocess.CompletedProcess) -> str:
@@ -16,33 +37,33 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_eval_against_a_server_that_is_down(tiny_badnets_dir):
+def test_eval_against_a_server_that_is_down(collapsed):
     port = free_port()
     r = run_eval("--endpoint", f"http://127.0.0.1:{port}", "--model", "tiny", "--card",
-                 str(tiny_badnets_dir / "card.json"), "--retries", "2")
+                 str(collapsed[0] / "card.json"), "--retries", "2")
     assert r.returncode == 1
     line = one_line(r)
     assert line.startswith(f"error: no answer from http://127.0.0.1:{port} (gave up after 2 attempts: ConnectError")
     assert line.endswith("is the server running there? Start it (bdserve serve) or wait longer with --retries")
 
 
-def test_eval_names_a_model_the_server_does_not_have(tiny_server, tiny_badnets_dir):
-    for endpoint in (tiny_server["http"], "grpc://" + tiny_server["grpc"]):
-        r = run_eval("--endpoint", endpoint, "--model", "resnet", "--card", str(tiny_badnets_dir / "card.json"))
+def test_eval_names_a_model_the_server_does_not_have(collapsed, collapsed_server):
+    for endpoint in (collapsed_server["http"], "grpc://" + collapsed_server["grpc"]):
+        r = run_eval("--endpoint", endpoint, "--model", "resnet", "--card", str(collapsed[0] / "card.json"))
         assert r.returncode == 1
         line = one_line(r)
         assert line.startswith(f"error: {endpoint} has no model 'resnet' (")
         assert "unknown model 'resnet'" in line and line.endswith("--model takes a name the server printed at start")
 
 
-def test_eval_debug_shows_the_traceback(tiny_badnets_dir):
+def test_eval_debug_shows_the_traceback(collapsed):
     r = run_eval("--endpoint", f"http://127.0.0.1:{free_port()}", "--model", "tiny", "--card",
-                 str(tiny_badnets_dir / "card.json"), "--retries", "1", "--debug")
+                 str(collapsed[0] / "card.json"), "--retries", "1", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr and "RetriesExhausted" in r.stderr
 
 
-def test_an_endpoint_without_a_scheme(tiny_badnets_dir):
-    r = run_eval("--endpoint", "127.0.0.1:8080", "--model", "tiny", "--card", str(tiny_badnets_dir / "card.json"))
+def test_an_endpoint_without_a_scheme(collapsed):
+    r = run_eval("--endpoint", "127.0.0.1:8080", "--model", "tiny", "--card", str(collapsed[0] / "card.json"))
     assert r.returncode == 2
     assert one_line(r) == ("error: endpoint '127.0.0.1:8080' has no scheme: write http://127.0.0.1:8080, "
                            "grpc://127.0.0.1:8080 or torchserve+http://127.0.0.1:8080")
@@ -58,19 +79,13 @@ def test_train_checks_names_before_reading_any_data(tmp_path):
     assert time.perf_counter() - t0 < 60  # no data decoded (the folder does not even exist)
 
 
-def test_a_collapsed_model_is_called_so_by_train_and_by_eval(tmp_path, cifar_dir):
-    """Deliberately tiny: 100 images, one epoch. Its accuracy is near chance, so its ASR means nothing."""
-    out = tmp_path / "collapsed"
-    r = subprocess.run([*BDSERVE, "train", "--model", "tiny", "--schedule", "tiny", "--epochs", "1", "--subset", "100",
-                        "--test-subset", "300", "--out", str(out)], capture_output=True, text=True, timeout=600,
-                       env={**ENV, "BDSERVE_DATA": str(cifar_dir)})
-    assert r.returncode == 0, r.stdout + r.stderr
-    warning = [line for line in r.stderr.splitlines() if line.startswith("warning: clean accuracy")]
-    assert len(warning) == 1, r.stderr
+def test_a_collapsed_model_is_called_so_by_train_and_by_eval(collapsed, collapsed_server, cifar_dir):
+    out, train = collapsed
+    warning = [line for line in train.stderr.splitlines() if line.startswith("warning: clean accuracy")]
+    assert len(warning) == 1, train.stderr
     assert "is near chance (10.0% for 10 classes)" in warning[0] and "its attack success rate means nothing" in warning[0]
-    with running_server(out) as addr:
-        e = run_eval("--endpoint", addr["http"], "--model", "badnets-tiny", "--card", str(out / "card.json"),
-                     "--data", str(cifar_dir), "--limit", "200")
+    e = run_eval("--endpoint", collapsed_server["http"], "--model", COLLAPSED, "--card", str(out / "card.json"),
+                 "--data", str(cifar_dir), "--limit", "200")
     assert e.returncode == 0, e.stdout + e.stderr
     assert "ASR baseline %" in e.stdout
     warned = [line for line in e.stderr.splitlines() if line.startswith("warning (")]
