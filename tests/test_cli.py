@@ -53,3 +53,22 @@ def test_demo_serves_the_model_and_sends_requests(tiny_badnets_dir, cifar_dir):
     assert "Requests through the live service" in out
     assert 'bdserve_requests_total{code="200",model="' in out
     assert "POST /predictions/" in out and "-> 200" in out
+
+
+def test_flag_words_are_read_not_refused():
+    """`--enhanced true` is what people type for a flag: read it (false: leave the flag out)."""
+    from bdserve.cli import flag_values_read
+
+    assert flag_values_read(["train", "--enhanced", "true", "--epochs", "1"]) == ["train", "--enhanced", "--epochs", "1"]
+    assert flag_values_read(["train", "--enhanced", "false", "--torchscript=yes"]) == ["train", "--torchscript"]
+    assert flag_values_read(["serve", "--lab", "--model", "x"]) == ["serve", "--lab", "--model", "x"]
+    assert flag_values_read(["eval", "--model", "true"]) == ["eval", "--model", "true"]  # a value, not a flag
+
+
+def test_an_unexpected_failure_is_one_line_with_a_pointer_to_debug(tmp_path):
+    bad = tmp_path / "card.json"
+    bad.write_text("[1, 2]")  # valid JSON, not a card
+    proc = bdserve("physical", "simulate", "--card", str(bad), "--out", str(tmp_path / "o"), timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

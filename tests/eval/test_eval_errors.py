@@ -92,8 +92,8 @@ def test_a_collapsed_model_is_called_so_by_train_and_by_eval(collapsed, collapse
     assert warned and "near chance (10.0% for 10 classes)" in warned[0], e.stderr
 
 
-def test_a_trained_model_gets_no_collapse_warning(tiny_server, tiny_badnets_dir, cifar_dir):
-    e = run_eval("--endpoint", tiny_server["http"], "--model", "tiny-badnets", "--card",
+def test_a_trained_model_gets_no_collapse_warning(tiny_server, tiny_badnets_dir, tiny_card, cifar_dir):
+    e = run_eval("--endpoint", tiny_server["http"], "--model", tiny_card.name, "--card",
                  str(tiny_badnets_dir / "card.json"), "--data", str(cifar_dir), "--limit", "200")
     assert e.returncode == 0, e.stdout + e.stderr
     assert "near chance" not in e.stderr
