@@ -194,8 +194,6 @@ class DefendedModel:
             arr = arr.copy()
         return torch.from_numpy(np.ascontiguousarray(arr))
 
-    preprocess = from_array
-
     # ---------------------------------------------------------------- defenses
     def _build_defense(self, spec: str) -> torch.nn.Module:
         try:
@@ -279,9 +277,6 @@ class DefendedModel:
             top = np.argsort(-row, kind="stable")[:k]
             out.append({self.classes[i]: float(row[i]) for i in top})
         return out
-
-    def __call__(self, blobs: list[bytes], **kw) -> Prediction:
-        return self.predict(self.decode(blobs), **kw)
 
 
 def _to_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -146,8 +146,6 @@ class Compose(Transform):
         return x
 
 
-Defense = Transform
-
 _FACTORIES: dict[str, Callable[[str | None], Transform]] = {
     "none": lambda arg: Identity(),
     "flip": lambda arg: Flip(),

@@ -115,9 +115,11 @@ class _HttpBase(Client):
             raise PermanentError(f"HTTP {r.status_code}: {_error_text(r)}")
         return r
 
-    async def _predictions(self, blob: bytes) -> tuple[int, bool | None, str | None]:
-        """POST /predictions/{m} with the raw file as the body (TorchServe's image-classifier answer)."""
+    async def _predictions(self, blob: bytes, defense: str | None = None) -> tuple[int, bool | None, str | None]:
+        """POST /predictions/{m} with the raw file as the body (TorchServe's image-classifier answer);
+        ``defense`` goes as ``?defense=`` (honoured by a --lab bdserve, refused with 403 otherwise)."""
         r = await self._request("POST", f"/predictions/{self.model}", content=blob,
+                                params=None if defense is None else {"defense": defense},
                                 headers={"Content-Type": "application/octet-stream"})
         try:
             scores = r.json()
@@ -199,11 +201,9 @@ class HttpClient(_HttpBase):
     async def infer_photos(self, blobs: list[bytes], route: str | None = None, defense: str | None = None) -> Answer:
         if route == "oip":
             return await self._infer(IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), defense)
-        if defense is not None:
-            raise PermanentError("/predictions cannot choose a defense; send photos as an OIP BYTES input (route oip)")
         if len(blobs) != 1:
             raise ValueError("/predictions takes one photo per request")
-        label, flag, applied = await self._predictions(blobs[0])
+        label, flag, applied = await self._predictions(blobs[0], defense)
         return Answer(np.array([label]), None if flag is None else np.array([flag]), applied)
 
 
