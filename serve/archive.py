@@ -102,11 +102,11 @@ def build_archive(
     version = version or card_version or "1"
     if not _NAME_RE.match(name):
         raise ArchiveError(f"model name {name!r} is not usable as a TorchServe model name")
-    if defense is not None:
-        from bdserve.transforms import create_defense
+    if defense is not None and not check:
+        from bdserve.specs import canonical_spec
 
         try:
-            create_defense(defense)  # fail here, not in the TorchServe worker
+            canonical_spec(defense)  # fail here, not in the TorchServe worker
         except ValueError as e:
             raise ArchiveError(f"--defense: {e}") from None
     if check:
