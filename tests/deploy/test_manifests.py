@@ -754,7 +754,10 @@ def test_metric_list_matches_what_bdserve_exports():
 
     text = Metrics().render().decode()
     exported = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M))
-    assert exported == METRICS
+    assert {k: v for k, v in exported.items() if k.startswith("bdserve_")} == METRICS
+    # Beside its own, the server exports the client library's standard process_* / python_* series.
+    assert exported["process_resident_memory_bytes"] == "gauge"
+    assert set(exported) - set(METRICS) <= {k for k in exported if k.startswith(("process_", "python_"))}
 
 
 def test_selector_extraction_is_live():
