@@ -210,12 +210,9 @@ def write_model_dir(model: torch.nn.Module, card: ModelCard, out: str | Path, to
 def format_table(rows: list[DefenseRow], title: str = "") -> str:
     """A Markdown table: defense, clean accuracy, ASR."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| defense | clean acc (%) | ASR (%) |", "|---|---:|---:|"]
+    lines += ["| defense | clean acc (%) | ASR (%) | ASR baseline (%) |", "|---|---:|---:|---:|"]
     for r in rows:
         asr = "-" if r.asr is None else f"{100 * r.asr:.1f}"
-        lines.append(f"| {r.defense} | {100 * r.clean_acc:.1f} | {asr} |")
+        base = "-" if r.asr_baseline is None else f"{100 * r.asr_baseline:.1f}"
+        lines.append(f"| {r.defense} | {100 * r.clean_acc:.1f} | {asr} | {base} |")
     return "\n".join(lines)
-
-
-def rows_json(rows: list[DefenseRow]) -> str:
-    return json.dumps([r.as_dict() for r in rows], indent=2)

@@ -56,8 +56,13 @@ def defense_table(card):
     table.add_column("defense")
     table.add_column("clean accuracy", justify="right")
     table.add_column("attack success rate", justify="right")
+    table.add_column("ASR baseline", justify="right")  # clean non-target images predicted as the target
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
     for spec, m in card.metrics.items():
-        table.add_row(spec, f"{100 * m['clean_acc']:.1f}%", "-" if m["asr"] is None else f"{100 * m['asr']:.1f}%")
+        table.add_row(spec, pct(m["clean_acc"]), pct(m["asr"]), pct(m.get("asr_baseline")))
     return table
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bdserve.scoring import asr_baseline as scoring_asr_baseline
+from bdserve.scoring import attack_hits, clean_correct
 from bdserve.serve.evaluation.runner import RunResult, SetResult
 from bdserve.serve.evaluation.stats import percentiles, rate
 
@@ -22,8 +24,8 @@ def _errors(s: SetResult) -> dict:
 
 def clean_metrics(s: SetResult, num_classes: int) -> dict:
     ok = s.answered
-    correct = int((s.preds[ok] == s.labels[ok]).sum())
-    wrong = int(ok.sum()) - correct
+    correct, n = clean_correct(s.preds, s.labels, ok)
+    wrong = n - correct
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (s.labels[ok], s.preds[ok]), 1)
     return {"images": len(s.labels), "correct": correct, "wrong": wrong, "errors": s.n_errors,
@@ -31,17 +33,15 @@ def clean_metrics(s: SetResult, num_classes: int) -> dict:
 
 
 def triggered_metrics(s: SetResult, target: int) -> dict:
-    ok = s.answered
-    hit = int((s.preds[ok] == target).sum())
-    miss = int(ok.sum()) - hit
+    hit, n = attack_hits(s.preds, target, s.answered)
+    miss = n - hit
     return {"images": len(s.labels), "hit": hit, "miss": miss, "errors": s.n_errors,
             "asr": rate(hit, hit + miss), "error_reasons": _errors(s)}
 
 
 def asr_baseline(clean: SetResult, target: int) -> dict:
     """How often clean non-target images already land on the target: the rate an ASR is read against."""
-    ok = clean.answered & (clean.labels != target)
-    return rate(int((clean.preds[ok] == target).sum()), int(ok.sum()))
+    return rate(*scoring_asr_baseline(clean.preds, clean.labels, target, clean.answered))
 
 
 def detection_metrics(clean: SetResult | None, trig: SetResult | None) -> dict | None:

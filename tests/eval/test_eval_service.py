@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from eval_helpers import BDSERVE, ENV, FlakyProxy, free_port, read_report, run_eval, running_server
+from bdserve.testing import free_port
+from eval_helpers import BDSERVE, ENV, FlakyProxy, read_report, run_eval, running_server
 from in_process import predictions
 
 LIMIT = 200
@@ -40,6 +41,10 @@ def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir
         assert np.array_equal(np.array(c["confusion"]), ref[d]["confusion"])
         assert t["images"] == len(ref[d]["triggered"]) and t["hit"] == ref[d]["hit"]
         assert t["asr"]["ci95"][0] <= t["asr"]["rate"] <= t["asr"]["ci95"][1]
+        # The ASR's baseline: clean non-target images predicted as the target (from the same answers).
+        cm, tgt = np.array(c["confusion"]), rep["target"]
+        others = np.arange(len(cm)) != tgt
+        assert (t["baseline"]["k"], t["baseline"]["n"]) == (int(cm[others, tgt].sum()), int(cm[others].sum()))
         lat = row["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     # --detect flags an image when the defended and undefended top-1 differ: never under "none",
@@ -49,6 +54,7 @@ def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir
     flips = int((ref["flip"]["triggered"] != ref["none"]["triggered"]).sum())
     assert rows["flip"]["detection"]["detection_rate"]["k"] == flips
     assert f"| {tiny_card.name} |" in r.stdout  # the Table-1 row
+    assert "ASR baseline %" in r.stdout and "near chance" not in r.stderr  # a trained model: no collapse warning
     for name in ("report.md", "defenses.png", "confusion.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -95,7 +101,7 @@ def test_torchserve_transport_matches_bdserve(tiny_server, tiny_badnets_dir, tin
     """A real TorchServe with the model's .mar (defense flip): one PNG per request, same numbers."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java 17 and `java` is not on PATH")
-    from bdserve.serve.archive import LocalTorchServe
+    from bdserve.testing import LocalTorchServe
 
     mar = tmp_path / "mar"
     a = subprocess.run([*BDSERVE, "archive", str(tiny_badnets_dir), "--out", str(mar), "--name", "tsflip",

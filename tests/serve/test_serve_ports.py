@@ -7,21 +7,15 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from bdserve.serve.archive import free_port
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-
-_SCRIPT = Path(sys.executable).parent / "bdserve"
-BDSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bdserve.cli"]
+from bdserve.testing import ServeProcess, free_port, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,34 +28,9 @@ def other_store(store, tmp_path_factory) -> Path:
     return s
 
 
-def start(store: Path, http_port: int, grpc_port: int) -> tuple[subprocess.Popen, list[str]]:
-    proc = subprocess.Popen([*BDSERVE, "serve", "--model-store", str(store), "--http-port", str(http_port),
-                             "--grpc-port", str(grpc_port), "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("gRPC listening on "):
-            return proc, lines
-    proc.kill()
-    proc.wait()
-    raise AssertionError("server did not start:\n" + "".join(lines))
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(30)
-
-
-def second(store: Path, http_port: int, grpc_port: int) -> subprocess.CompletedProcess:
-    return subprocess.run([*BDSERVE, "serve", "--model-store", str(store), "--http-port", str(http_port),
-                           "--grpc-port", str(grpc_port), "--threads", "1"],
-                          capture_output=True, text=True, timeout=120)
+def second(store: Path, http_port: int, grpc_port: int, *flags: str):
+    return run_cli("serve", "--model-store", str(store), "--http-port", str(http_port),
+                   "--grpc-port", str(grpc_port), "--threads", "1", *flags)
 
 
 def listeners(port: int) -> int:
@@ -92,7 +61,7 @@ def model_answering(target: str) -> str:
 
 def test_a_second_server_on_a_busy_grpc_port_exits_and_the_first_keeps_all_traffic(store, other_store):
     grpc_port = free_port()
-    first, _ = start(store, 0, grpc_port)
+    first = ServeProcess(store, (), "--threads", "1", grpc_port=grpc_port).start()
     try:
         res = second(other_store, 0, grpc_port)
         assert res.returncode != 0
@@ -103,9 +72,9 @@ def test_a_second_server_on_a_busy_grpc_port_exits_and_the_first_keeps_all_traff
         assert listeners(grpc_port) == 1
         answers = [model_answering(f"127.0.0.1:{grpc_port}") for _ in range(20)]
         assert answers == ["tiny"] * 20
-        assert first.poll() is None
+        assert first.proc.poll() is None
     finally:
-        stop(first)
+        first.stop()
 
 
 def test_a_busy_http_port_is_one_line(other_store):
@@ -125,7 +94,6 @@ def test_debug_shows_the_traceback(other_store):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        res = subprocess.run([*BDSERVE, "serve", "--model-store", str(other_store), "--http-port", str(port),
-                              "--no-grpc", "--debug"], capture_output=True, text=True, timeout=120)
+        res = second(other_store, port, 0, "--no-grpc", "--debug")
     assert res.returncode != 0
     assert "Traceback" in res.stderr and "PortInUse" in res.stderr

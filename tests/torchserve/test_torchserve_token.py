@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from bdserve.settings import data_dir
+from bdserve.testing import LocalTorchServe
 
 EVAL = [sys.executable, "-m", "bdserve.cli", "eval"]
 ENV = {**os.environ, "BDSERVE_PROGRESS": "0"}
@@ -22,8 +23,6 @@ ENV = {**os.environ, "BDSERVE_PROGRESS": "0"}
 def token_torchserve(mar_store, tmp_path_factory):
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java 17 and `java` is not on PATH")
-    from bdserve.serve.archive import LocalTorchServe
-
     ts = LocalTorchServe(mar_store, ["tiny.mar"], tmp_path_factory.mktemp("ts-token"), token_auth=True)
     ts.start(timeout=90)
     try:
