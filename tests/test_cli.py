@@ -34,6 +34,7 @@ def test_every_subcommand_has_help():
         assert proc.returncode == 0, (path, proc.stderr)
         assert "Usage" in proc.stdout
         assert "<bool>" not in proc.stdout, path  # flags take no value; the help must not suggest one
+        assert "list[" not in proc.stdout, path  # repeatable options name what one value is
 
 
 def test_train_reports_a_bad_target_clearly(tmp_path, cifar_dir):

@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight."),
         retries: int = typer.Option(8, "--retries", help="Attempts per request for transient failures (connection, 503, UNAVAILABLE)."),
         timeout_s: float = typer.Option(120.0, "--timeout", help="Seconds per request."),
-        header: Optional[List[str]] = typer.Option(None, "--header", help="'Name: value' sent with every request (HTTP header, gRPC metadata); repeatable, e.g. 'Authorization: Bearer KEY'."),
+        header: Optional[List[str]] = typer.Option(None, "--header", metavar="'NAME: VALUE'", help="'Name: value' sent with every request (HTTP header, gRPC metadata); repeatable, e.g. 'Authorization: Bearer KEY'."),
         token_file: Optional[Path] = typer.Option(None, "--token-file", help="TorchServe's key_file.json (token authorization on): sends its inference key as a Bearer token."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, report.md and PNG figures here."),
     ) -> None:
