@@ -15,8 +15,9 @@ route here):
 
 The analysis answers in one JSON document: the fitted input as a PNG data URL, the fit applied
 and, per defense, the top-3 classes with probabilities and the detection fields the pipeline
-produced. It goes through the service like every other door: one decode and fit
-(``to_tensor``), then one ``infer`` per defense (the batcher, then ``DefendedModel.predict``).
+produced. It is the pipeline's own path: one decode and fit (``DefendedModel.decode``), then one
+``InferenceService.infer`` per defense with those very pixels as the UINT8 input (the batcher,
+then ``DefendedModel.predict``), so each answer equals ``/predictions?defense=SPEC``.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
+from bdserve.serve import oip
 from bdserve.serve.errors import InvalidInput, NotFound
 from bdserve.serve.http_app import _observed
 from bdserve.serve.lab_keep import KINDS, LabKeeper
 from bdserve.serve.pipeline import DefendedModel, Prediction
-from bdserve.serve.service import IMAGE_INPUT, InferenceService
+from bdserve.serve.service import InferenceService
 
 TOP_K = 3
 DEFAULT_SHRINK = 4  # the paper's ShrinkPad-4, when neither the served defense nor the card names a size
@@ -161,8 +163,12 @@ async def _analyze(service: InferenceService, keep: LabKeeper | None, name: str,
     label = _check_choice(request.query_params.get("label", ""), model.classes, "label")
     kind = _check_choice(request.query_params.get("kind", ""), list(KINDS), "kind")
     blob = await request.body()
-    x = await service.to_tensor(model, IMAGE_INPUT, "BYTES", [1], [blob])
-    preds = await asyncio.gather(*(service.infer(model, x, d) for d in compared_defenses(model)))
+    x = await asyncio.to_thread(model.decode, [blob])  # decoded and fitted once, off the event loop
+    pixels = oip.Tensor(oip.TENSOR_INPUT, "UINT8", list(x.shape), x.cpu().numpy())
+    answers = await asyncio.gather(*(
+        service.infer(oip.InferRequest(model=model.name, input=pixels, parameters={oip.DEFENSE: d}))
+        for d in compared_defenses(model)))
+    preds = [a.prediction for a in answers]
     doc = {
         "model": model.name,
         "version": model.version,

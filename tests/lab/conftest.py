@@ -10,7 +10,7 @@ from PIL import Image
 
 from bdserve.card import ModelCard
 from bdserve.serve.evaluation.heldout import stamp_uint8
-from bdserve.serve.evaluation.live import served
+from bdserve.testing import served
 from bdserve.training.data import load_split
 from lab_helpers import DEMO, SERVED_DEFENSE
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bdserve.serve.evaluation.live import served
+from bdserve.testing import served
 from lab_helpers import DEMO, SERVED_DEFENSE, data_url_pixels, png_pixels, predictions_top
 
 CHROMIUM = Path(os.environ.get("BDSERVE_CHROMIUM", "/usr/bin/chromium"))
