@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from google.protobuf import json_format
 
 from bdserve.serve import oip
 from bdserve.serve.errors import InvalidInput, ServeError
@@ -61,6 +62,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[T(**t) for t in meta["inputs"]], outputs=[T(**t) for t in meta["outputs"]],
         )
 
+    async def ModelConfig(self, request, context):
+        try:
+            config = self.service.config(self.service.get(request.name, request.version))
+        except ServeError as e:
+            await self._abort(context, e)
+        return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
+
+    async def RepositoryIndex(self, request, context):
+        return json_format.ParseDict({"models": self.service.repository_index()}, pb.RepositoryIndexResponse())
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context):
         with self.service.observe(request.model_name, PROTOCOL, ok_code="OK") as box:
             try:
@@ -93,7 +104,8 @@ def _read_request(request: pb.ModelInferRequest) -> oip.InferRequest:
     return oip.InferRequest(
         model=request.model_name, version=request.model_version, input=oip.Tensor(t.name, datatype, shape, value),
         parameters={k: oip.read_parameter(v) for k, v in request.parameters.items()},
-        outputs=[oip.RequestedOutput(o.name) for o in request.outputs] or None, id=request.id)
+        outputs=[oip.RequestedOutput.with_parameters(o.name, None, {k: oip.read_parameter(v) for k, v in o.parameters.items()})
+                 for o in request.outputs] or None, id=request.id)
 
 
 def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:

@@ -26,6 +26,7 @@ from bdserve.serve import oip
 from bdserve.serve.errors import InvalidInput, PayloadTooLarge, ServeError
 from bdserve.serve.metrics import CONTENT_TYPE_LATEST
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
+from bdserve.serve.uploads import upload_image
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,15 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         service.get(name, version)
         return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
 
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None):
+        return service.config(service.get(name, version))
+
+    @app.post("/v2/repository/index")
+    async def repository_index():
+        return service.repository_index()
+
     @app.get("/metrics")
     async def metrics():
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -124,9 +134,16 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     async def infer(name: str, request: Request, version: str | None = None):
         return await _observed(service, name, _infer(service, name, version, request))
 
-    @app.post("/predictions/{name}")
-    async def predictions(name: str, request: Request):
-        return await _observed(service, name, _predictions(service, name, request))
+    # TorchServe's inference API: POST or PUT (``curl -T photo.jpg``), optionally with a version.
+    @app.api_route("/predictions/{name}", methods=["POST", "PUT"])
+    @app.api_route("/predictions/{name}/{version}", methods=["POST", "PUT"])
+    async def predictions(name: str, request: Request, version: str | None = None):
+        return await _observed(service, name, _predictions(service, name, version, request))
+
+    @app.get("/ping")
+    async def ping():  # TorchServe's health check
+        return JSONResponse({"status": "Healthy" if service.ready else "Unhealthy"},
+                            status_code=200 if service.ready else 503)
 
     return BodyLimit(app, max_body_bytes)
 
@@ -201,8 +218,10 @@ def _read_infer_request(name: str, version: str | None, body: bytes, header_len:
         outputs = []
         for w in wanted:
             oname = w.get("name") if isinstance(w, dict) else None
-            binary_out = _params(w, f"output {oname!r}").get("binary_data") if isinstance(w, dict) else None
-            outputs.append(oip.RequestedOutput(oname, None if binary_out is None else bool(binary_out)))
+            oparams = _params(w, f"output {oname!r}") if isinstance(w, dict) else {}
+            binary_out = oparams.get("binary_data")
+            outputs.append(oip.RequestedOutput.with_parameters(oname, None if binary_out is None else bool(binary_out),
+                                                               oparams))
     return oip.InferRequest(model=name, version=version, input=oip.Tensor(iname, datatype, shape, value),
                             parameters=params, outputs=outputs, id=req["id"] if isinstance(req.get("id"), str) else None,
                             binary_output=bool(params.get("binary_data_output", False)))
@@ -240,27 +259,13 @@ def _write_infer_response(resp: oip.InferResponse) -> Response:
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-async def _predictions(service: InferenceService, name: str, request: Request) -> Response:
-    model = service.get(name)
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        try:
-            # A non-file field may hold the whole image; the body limit already bounds it.
-            form = await request.form(max_files=4, max_fields=16, max_part_size=request.app.state.max_body)
-        except InvalidInput:
-            raise
-        except Exception as e:  # noqa: BLE001 - python-multipart's errors vary by version
-            raise InvalidInput(f"malformed multipart body: {e}") from None
-        field = form.get("data") or form.get("file")
-        if field is None:
-            raise InvalidInput("multipart upload needs a field named 'data' holding the image")
-        blob = await field.read() if hasattr(field, "read") else str(field).encode()
-    else:
-        blob = await request.body()
+async def _predictions(service: InferenceService, name: str, version: str | None, request: Request) -> Response:
+    model = service.get(name, version)
+    blob = upload_image(await request.body(), request.headers.get("content-type", ""))
     # ?defense=SPEC: like OIP's parameters.defense, honoured only by a --lab server (else 403).
     defense = request.query_params.get(oip.DEFENSE)
     resp = await service.infer(oip.InferRequest(
-        model=name, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
+        model=name, version=version, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
         parameters={} if defense is None else {oip.DEFENSE: defense}))
     pred = resp.prediction
     return JSONResponse(model.postprocess(pred)[0], headers=oip.prediction_headers(pred, 0))

@@ -72,6 +72,10 @@ class DefendedModel:
         evaluation is ``DefendedModel(card, TorchRuntime(module), lab=True).predict(...)``."""
         self.card = card
         self.runtime = runtime
+        # Served under these (set by the model repository: the directory's name, the version
+        # directory's number); the card's name and version otherwise.
+        self.served_name: str | None = None
+        self.served_version: str | None = None
         device = runtime.device if device is None else device
         defense = card.defense if defense is None else defense
         self.device = device
@@ -101,13 +105,15 @@ class DefendedModel:
              device: str | torch.device = "auto", lab: bool = False, detect: bool = False,
              class_names: list[str] | None = None, mean: list[float] | None = None,
              std: list[float] | None = None, input_size: tuple[int, int] | None = None,
-             max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None) -> "DefendedModel":
+             max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
+             name: str | None = None, version: str | None = None) -> "DefendedModel":
         """Open a model directory (model.onnx or model.pt, card.json optional).
 
         ``defense`` None means the card's. Without a card the input shape comes from
         the ONNX graph (or ``input_size``), class names from ``class_names`` (else
         ``class_0 ..``) and normalisation from ``mean``/``std`` (else none: the graph
-        is assumed to take [0, 1] input). Arguments given override the card.
+        is assumed to take [0, 1] input). Arguments given override the card. The model is
+        served as ``name`` (default: the directory's name) and ``version`` (default: the card's).
         """
         model_dir = Path(model_dir)
         dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -119,17 +125,19 @@ class DefendedModel:
         except ValueError as e:
             raise ValueError(f"{model_dir}: {e}") from None
         model = cls(card, runtime, defense=defense, device=dev, lab=lab, detect=detect, max_pixels=max_pixels)
+        model.served_name = name or model_dir.name
+        model.served_version = version
         log.info("loaded %s v%s: %s, defense %s", card.name, card.version, runtime.describe(), model.defense_spec)
         return model
 
     # -------------------------------------------------------------- properties
     @property
     def name(self) -> str:
-        return self.card.name
+        return self.served_name or self.card.name
 
     @property
     def version(self) -> str:
-        return str(self.card.version)
+        return self.served_version or str(self.card.version)
 
     @property
     def classes(self) -> list[str]:

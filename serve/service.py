@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -22,25 +23,34 @@ from bdserve.serve.batching import Batcher
 from bdserve.serve.errors import InvalidInput, NotFound
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
 from bdserve.serve.pipeline import DefendedModel
+from bdserve.serve.repository import version_key
 
 SERVER_NAME = "bdserve"
 SERVER_VERSION = _version if isinstance(_version, str) else "0"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
 
 
 class InferenceService:
-    def __init__(self, models: dict[str, DefendedModel], *, max_batch_size: int = 32,
+    def __init__(self, models: Iterable[DefendedModel] | dict[str, DefendedModel], *, max_batch_size: int = 32,
                  max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None):
+        models = list(models.values()) if isinstance(models, dict) else list(models)
         if not models:
             raise ValueError("no models to serve")
-        self.models = models
+        # Every version of every model; the highest version answers requests that name none.
+        self.versions: dict[str, dict[str, DefendedModel]] = {}
+        for m in models:
+            if m.version in self.versions.setdefault(m.name, {}):
+                raise ValueError(f"model {m.name!r} version {m.version} is loaded twice")
+            self.versions[m.name][m.version] = m
+        self.models = {name: vs[max(vs, key=version_key)] for name, vs in self.versions.items()}
         self.metrics = metrics or Metrics()
+        self.max_batch_size = max_batch_size
         self.batchers = {
-            name: Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                          max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch)
-            for name, m in models.items()
+            (m.name, m.version): Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                                         max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch)
+            for m in models
         }
-        for m in models.values():
+        for m in self.models.values():
             self.metrics.describe_model(m)
         self.max_request_images = max_queue_images
         self.ready = False
@@ -56,18 +66,34 @@ class InferenceService:
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str, version: str | None = None) -> DefendedModel:
-        model = self.models.get(name)
-        if model is None:
+        versions = self.versions.get(name)
+        if versions is None:
             raise NotFound(f"unknown model {name!r}; this server has: {', '.join(sorted(self.models))}")
-        if version not in (None, "") and str(version) != model.version:
-            raise NotFound(f"model {name!r} has no version {version!r} (served version: {model.version})")
+        if version in (None, ""):
+            return self.models[name]
+        model = versions.get(str(version))
+        if model is None:
+            raise NotFound(f"model {name!r} has no version {version!r}; served versions: "
+                           f"{', '.join(self.version_list(name))}")
         return model
+
+    def version_list(self, name: str) -> list[str]:
+        return sorted(self.versions[name], key=version_key)
+
+    def config(self, model: DefendedModel) -> dict:
+        return oip.model_config(model, self.max_batch_size)
+
+    def repository_index(self) -> list[dict]:
+        """Triton's repository index: every served model version and its state."""
+        state = "READY" if self.ready else "UNAVAILABLE"
+        return [{"name": name, "version": v, "state": state, "reason": ""}
+                for name in sorted(self.versions) for v in self.version_list(name)]
 
     def metric_name(self, name: str) -> str:
         return name if name in self.models else UNKNOWN_MODEL
 
     def metadata(self, model: DefendedModel) -> dict:
-        return {"name": model.name, "versions": [model.version], "platform": model.runtime.platform,
+        return {"name": model.name, "versions": self.version_list(model.name), "platform": model.runtime.platform,
                 "inputs": oip.model_inputs(model), "outputs": oip.model_outputs(model)}
 
     # --------------------------------------------------------------- inference
@@ -82,7 +108,7 @@ class InferenceService:
         gauge = self.metrics.inflight.labels(model=model.name)
         gauge.inc()
         try:
-            pred = await self.batchers[model.name].submit(x, defense)
+            pred = await self.batchers[(model.name, model.version)].submit(x, defense)
         finally:
             gauge.dec()
         return oip.infer_response(request, model, pred)

@@ -57,8 +57,10 @@ class BdserveHandler:
             # TorchServe assigns a GPU per worker only when it found one; honour its choice.
             device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
         self.topk = int(cfg.get("topk", 5))
+        # Served under TorchServe's model name (the .mar's), not the worker's temporary directory.
+        name = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelName")
         self.model = DefendedModel.load(
-            model_dir, defense=cfg.get("defense"), backend=cfg.get("backend", "auto"), device=device
+            model_dir, defense=cfg.get("defense"), backend=cfg.get("backend", "auto"), device=device, name=name
         )
         self.initialized = True
         log.info("bdserve handler ready: %s, defense %s", model_dir, self.model.defense_spec)

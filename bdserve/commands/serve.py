@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
         model_store: Optional[Path] = typer.Option(None, "--model-store", help="Directory of model directories (default: $BDSERVE_MODEL_STORE or ./model_store)."),
-        model: Optional[List[str]] = typer.Option(None, "--model", help="Model directory name to serve; repeatable (default: every model in the store)."),
+        model: Optional[List[str]] = typer.Option(None, "--model", help="Model to serve: a directory of the store, or NAME=DIR to serve DIR as NAME; repeatable (default: every model in the store). Served under the directory's name; <name>/<version>/ directories are versions."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Loopback by default; bind 0.0.0.0 only behind your own network controls."),
         http_port: int = typer.Option(8080, "--http-port", help="HTTP port (0: any free port, printed at start)."),
         grpc_port: int = typer.Option(8081, "--grpc-port", help="gRPC port (0: any free port, printed at start)."),
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         except (FileNotFoundError, ValueError, InvalidInput) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
-        for m in models.values():
+        for m in models:
             typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
                        f"{', lab' if lab else ''}{', detect' if detect else ''}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")

@@ -84,3 +84,94 @@ def test_metrics_carry_the_standard_process_and_python_series(server):
     for series in ("process_resident_memory_bytes", "process_cpu_seconds_total", "python_info",
                    "python_gc_collections_total"):
         assert f"\n{series}" in text, series
+
+
+def test_triton_classification_extension_http_and_grpc(server, tiny_model, rng):
+    """InferRequestedOutput(name, class_count=k): BYTES "score:index:label", top k per image."""
+    import torch
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    x = rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    expect = tiny_model.predict(torch.from_numpy(x), defense="flip")
+    top = np.argsort(-expect.probs, axis=1)[:, :3]
+    results = {}
+    hc = th.InferenceServerClient(server.http_url.removeprefix("http://"))
+    inp = th.InferInput("input", list(x.shape), "UINT8")
+    inp.set_data_from_numpy(x, binary_data=True)
+    for binary in (True, False):
+        out = th.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)
+        results[f"http-binary={binary}"] = hc.infer("tiny", [inp], outputs=[out]).as_numpy("probabilities")
+    gc = tg.InferenceServerClient(server.grpc_target)
+    ginp = tg.InferInput("input", list(x.shape), "UINT8")
+    ginp.set_data_from_numpy(x)
+    results["grpc"] = gc.infer("tiny", [ginp], outputs=[tg.InferRequestedOutput("probabilities", class_count=3)]
+                               ).as_numpy("probabilities")
+    for door, got in results.items():
+        assert got.shape == (3, 3), door
+        for b in range(3):
+            entries = [(v.decode() if isinstance(v, bytes) else v).split(":") for v in got[b]]
+            assert [int(i) for _, i, _ in entries] == top[b].tolist(), door
+            assert [label for _, _, label in entries] == [tiny_model.classes[i] for i in top[b]], door
+            np.testing.assert_allclose([float(s) for s, _, _ in entries], expect.probs[b, top[b]], atol=1e-5)
+    bad = th.InferRequestedOutput("label", class_count=2)
+    with pytest.raises(Exception, match="classification applies to the FP32"):
+        hc.infer("tiny", [inp], outputs=[bad])
+
+
+def test_triton_model_config_http_and_grpc(server):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    http_config = th.InferenceServerClient(server.http_url.removeprefix("http://")).get_model_config("tiny")
+    grpc_config = tg.InferenceServerClient(server.grpc_target).get_model_config("tiny", as_json=True)["config"]
+    for config in (http_config, grpc_config):
+        assert config["name"] == "tiny" and int(config["max_batch_size"]) == 32
+        inputs = {t["name"]: t for t in config["input"]}
+        assert inputs["input"]["data_type"] == "TYPE_FP32"
+        assert [int(d) for d in inputs["input"]["dims"]] == [3, 32, 32]
+        assert inputs["image"]["data_type"] == "TYPE_STRING"
+        outputs = {t["name"]: t for t in config["output"]}
+        assert [int(d) for d in outputs["probabilities"]["dims"]] == [10]
+    index = tg.InferenceServerClient(server.grpc_target).get_model_repository_index(as_json=True)["models"]
+    assert {(m["name"], m["state"]) for m in index} >= {("tiny", "READY"), ("foreign", "READY")}
+
+
+def _jpeg(rng, h=480, w=640) -> bytes:
+    from serve_helpers import encode, random_image
+
+    return encode(random_image(rng, h, w), "JPEG", quality=92)
+
+
+def test_torchserve_parity_on_predictions(server, tiny_model, rng):
+    """TorchServe's documented forms: ``curl -T photo.jpg`` (PUT), multipart with or without a
+    filename (both read as bytes), /predictions/{m}/{version}, and GET /ping."""
+    photo = _jpeg(rng)
+    expect = tiny_model.postprocess(tiny_model.predict(tiny_model.decode([photo]), defense="flip"))[0]
+    url = f"{server.http_url}/predictions/tiny"
+    answers = {
+        "put": httpx.put(url, content=photo, timeout=30),
+        "post-version": httpx.post(f"{url}/3", content=photo, timeout=30),
+        "multipart-file": httpx.post(url, files={"data": ("photo.jpg", photo, "image/jpeg")}, timeout=30),
+        # A field without a filename: curl -F "data=<photo.jpg" sends exactly this.
+        "multipart-no-filename": httpx.post(url, files={"data": (None, photo)}, timeout=30),
+    }
+    for form, r in answers.items():
+        assert r.status_code == 200, (form, r.text)
+        assert r.json() == expect, form
+    assert httpx.post(f"{url}/9", content=photo, timeout=30).status_code == 404
+    dup = httpx.post(url, files=[("data", (None, photo)), ("data", (None, photo))], timeout=30)
+    assert dup.status_code == 400 and "more than once" in dup.json()["error"]
+    ping = httpx.get(f"{server.http_url}/ping", timeout=10)
+    assert ping.status_code == 200 and ping.json() == {"status": "Healthy"}
+
+
+def test_multipart_parts_keep_their_bytes():
+    from bdserve.serve.uploads import multipart_parts
+
+    blob = bytes(range(256)) * 3 + "é".encode()
+    boundary = "XyZ"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n".encode() + blob
+            + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--{boundary}--\r\n".encode())
+    parts = multipart_parts(body, f"multipart/form-data; boundary={boundary}")
+    assert parts == {"data": blob, "note": b"hi"}
