@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bdserve.serve import oip
+from bdserve.serve.access_log import AccessLog
 from bdserve.serve.errors import InvalidInput, PayloadTooLarge, ServeError
 from bdserve.serve.metrics import CONTENT_TYPE_LATEST
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
@@ -30,7 +31,8 @@ from bdserve.serve.uploads import upload_image
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "http"
+PROTOCOL = "http"  # OIP over HTTP, in metrics' protocol label
+PREDICTIONS_PROTOCOL = "predictions"  # TorchServe-style uploads
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 
@@ -138,19 +140,19 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     @app.api_route("/predictions/{name}", methods=["POST", "PUT"])
     @app.api_route("/predictions/{name}/{version}", methods=["POST", "PUT"])
     async def predictions(name: str, request: Request, version: str | None = None):
-        return await _observed(service, name, _predictions(service, name, version, request))
+        return await _observed(service, name, _predictions(service, name, version, request), PREDICTIONS_PROTOCOL)
 
     @app.get("/ping")
     async def ping():  # TorchServe's health check
         return JSONResponse({"status": "Healthy" if service.ready else "Unhealthy"},
                             status_code=200 if service.ready else 503)
 
-    return BodyLimit(app, max_body_bytes)
+    return AccessLog(BodyLimit(app, max_body_bytes))
 
 
-async def _observed(service: InferenceService, name: str, work) -> Response:
+async def _observed(service: InferenceService, name: str, work, protocol: str = PROTOCOL) -> Response:
     """Run a prediction route's coroutine, counting it and turning errors into answers."""
-    with service.observe(name, PROTOCOL) as box:
+    with service.observe(name, protocol) as box:
         try:
             return await work
         except ServeError as e:
@@ -164,6 +166,8 @@ async def _observed(service: InferenceService, name: str, work) -> Response:
 async def _infer(service: InferenceService, name: str, version: str | None, request: Request) -> Response:
     service.get(name, version)  # 404 before reading the body
     req = _read_infer_request(name, version, await request.body(), request.headers.get(oip.HEADER_LEN))
+    if req.id is None:  # OIP's own id wins; else the request id the access log assigned
+        req.id = request.state.request_id
     return _write_infer_response(await service.infer(req))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import uvicorn
 
-from bdserve.serve import repository
+from bdserve.serve import access_log, repository
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
@@ -40,6 +40,7 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     grace_s: float = 30.0
     log_level: str = "warning"
+    access_log: bool = True  # one JSON line per request on stdout (bdserve.access)
 
 
 def load_models(store: str | Path, names: list[str] | None = None, **load_kw) -> list[DefendedModel]:
@@ -84,6 +85,7 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         self._stop = asyncio.Event()
+        access_log.enable(cfg.access_log)
         await self.service.start()
         sock = _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]

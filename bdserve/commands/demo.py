@@ -98,7 +98,7 @@ def serve_and_query(model_dir: Path, card, data: Optional[Path], count: int, con
     service = InferenceService({card.name: served_model}, max_batch_size=32, max_queue_delay_ms=5)
     console.print(f"\n[bold]2.[/bold] Serving '{card.name}' with defense [bold]{served_model.defense_spec}[/bold] "
                   "and --detect on 127.0.0.1 (HTTP + gRPC).")
-    with BackgroundServer(service, ServeConfig(http_port=0, grpc_port=0)) as server:
+    with BackgroundServer(service, ServeConfig(http_port=0, grpc_port=0, access_log=False)) as server:
         console.print(f"   HTTP {server.http_url}   gRPC {server.grpc_target}")
         with httpx.Client(base_url=server.http_url, timeout=30) as client:
             body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(batch)],

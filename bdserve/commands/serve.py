@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
         grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
+        access_log: str = typer.Option("on", "--access-log", help="on: one JSON line per request on stdout (method, path, model, status, duration, bytes, request id); off: none."),
     ) -> None:
         """Serve defended models over HTTP (Open Inference Protocol v2, TorchServe-style /predictions, /metrics) and gRPC."""
         import asyncio
@@ -78,7 +79,8 @@ def register(app: typer.Typer) -> None:
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                                    max_queue_images=max_queue)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
-                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level)
+                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level,
+                             access_log=access_log.lower() not in ("off", "false", "0", "no"))
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
         raise typer.Exit(code)

@@ -175,3 +175,67 @@ def test_multipart_parts_keep_their_bytes():
             + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--{boundary}--\r\n".encode())
     parts = multipart_parts(body, f"multipart/form-data; boundary={boundary}")
     assert parts == {"data": blob, "note": b"hi"}
+
+
+@pytest.fixture
+def access_lines():
+    import logging
+
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(json.loads(record.getMessage()))
+
+    handler = Collect()
+    logger = logging.getLogger("bdserve.access")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+
+
+def test_access_log_line_and_request_id_round_trip(server, rng, access_lines):
+    import grpc
+
+    from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
+    from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    x = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": x.reshape(-1).tolist()}]}
+    url = f"{server.http_url}/v2/models/tiny/infer"
+    mine = httpx.post(url, json=body, headers={"X-Request-ID": "trace-42"}, timeout=30)
+    assert mine.headers["x-request-id"] == "trace-42" and mine.json()["id"] == "trace-42"
+    own_id = httpx.post(url, json={**body, "id": "oip-7"}, headers={"X-Request-ID": "trace-43"}, timeout=30)
+    assert own_id.json()["id"] == "oip-7" and own_id.headers["x-request-id"] == "trace-43"
+    fresh = httpx.post(url, json=body, timeout=30)
+    generated = fresh.headers["x-request-id"]
+    assert len(generated) == 32 and fresh.json()["id"] == generated
+    hostile = httpx.post(url, json=body, headers={"X-Request-ID": "a b\tc" * 100}, timeout=30)
+    assert len(hostile.headers["x-request-id"]) == 32  # not echoed: not a short printable token
+    missing = httpx.get(f"{server.http_url}/v2/models/nosuch", timeout=10)
+    req = pb.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="input", datatype="UINT8", shape=[1, 3, 32, 32])
+    req.raw_input_contents.append(x.tobytes())
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        answer = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, metadata=[("x-request-id", "grpc-9")], timeout=30)
+    assert answer.id == "grpc-9"
+
+    by_id = {line["request_id"]: line for line in access_lines}
+    line = by_id["trace-42"]
+    assert line["method"] == "POST" and line["path"] == "/v2/models/tiny/infer" and line["model"] == "tiny"
+    assert line["status"] == 200 and line["bytes_in"] > 0 and line["bytes_out"] == len(mine.content)
+    assert line["duration_ms"] > 0
+    assert by_id[missing.headers["x-request-id"]]["status"] == 404
+    assert by_id["grpc-9"]["protocol"] == "grpc" and by_id["grpc-9"]["status"] == "OK"
+
+
+def test_metrics_use_one_code_vocabulary_and_separate_predictions(server, rng):
+    from serve_helpers import encode, metric, random_image
+
+    png = encode(random_image(rng, 32, 32), "PNG")
+    httpx.post(f"{server.http_url}/predictions/tiny", content=png, timeout=30)
+    text = httpx.get(f"{server.http_url}/metrics", timeout=10).text
+    assert metric(text, "bdserve_requests_total", model="tiny", protocol="predictions", code="200") >= 1
+    codes = {line.split('code="')[1].split('"')[0] for line in text.splitlines()
+             if line.startswith("bdserve_requests_total{")}
+    assert codes and all(c.isdigit() for c in codes), codes
