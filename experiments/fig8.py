@@ -45,7 +45,7 @@ def main() -> None:
     with served(args.store, names, "--lab") as addr:
         for name in names:
             card = ModelCard.load(args.store / name)
-            rep = run(EvalConfig(addr[args.transport], card.name, args.store / name / "card.json",
+            rep = run(EvalConfig(addr[args.transport], name, args.store / name / "card.json",
                                  args.data or data_dir(), args.limit or None, defenses=defenses))
             models.append({"model": card.name, "max_shrink": (card.attack or {}).get("max_shrink"),
                            "attack": (card.attack or {}).get("kind"), "rows": rep["rows"],
