@@ -80,7 +80,7 @@ def _internal(model: str) -> JSONResponse:
     return JSONResponse({"error": "internal server error (logged on the server)"}, status_code=500)
 
 
-def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY, lab_keep=None) -> FastAPI:
     app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.max_body = max_body_bytes
@@ -147,6 +147,9 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         return JSONResponse({"status": "Healthy" if service.ready else "Unhealthy"},
                             status_code=200 if service.ready else 503)
 
+    from bdserve.serve.lab import mount_lab  # late: lab.py builds on this module
+
+    mount_lab(app, service, lab_keep)  # the photo lab, on a --lab server only
     return AccessLog(BodyLimit(app, max_body_bytes))
 
 
