@@ -50,13 +50,27 @@ TRAIN_CALIBRATION = 5000
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="ATTACK=MODEL_DIR (repeatable)")
+    p.add_argument("--model", action="append", required=True,
+                   help="ATTACK=MODEL_DIR[@N] (repeatable); @N: a class-balanced subset of N test images for this model")
     p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--limit", type=int, default=None, help="class-balanced subset of the test split (smoke runs)")
+    p.add_argument("--limit", type=int, default=None, help="class-balanced subset of the test split for every model")
+    p.add_argument("--train-calibration", type=int, default=TRAIN_CALIBRATION,
+                   help="train-split images for the 'calibrated on train' row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
+
+
+def _progress(attack: str, name: str, total: int):
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if done[0] % 2048 < n or done[0] == total:
+            print(f"{attack}: {name} {done[0]}/{total} ({time.strftime('%H:%M:%S')})", flush=True)
+
+    return advance
 
 
 def crossfit(clean: np.ndarray, trig: np.ndarray, seed: int) -> dict:
@@ -72,12 +86,14 @@ def crossfit(clean: np.ndarray, trig: np.ndarray, seed: int) -> dict:
             "tpr": float(np.mean([f["tpr"] for f in folds]))}
 
 
-def score_model(attack: str, model_dir: Path, args) -> dict:
-    cached = cache_dir() / f"detect-scores-{attack}-{args.limit}-{args.seed}.npz"
+def score_model(attack: str, model_dir: Path, limit: int | None, args) -> dict:
+    n_train = args.train_calibration if limit is None else min(args.train_calibration, limit)
+    tag = "" if n_train == TRAIN_CALIBRATION else f"-train{n_train}"
+    cached = cache_dir() / f"detect-scores-{attack}-{limit}-{args.seed}{tag}.npz"
     model = DefendedModel.load(model_dir, threads=args.threads)
     card = model.card
     data = args.data or data_dir()
-    test = load_test(card, data, args.limit, args.seed)
+    test = load_test(card, data, limit, args.seed)
     trig = triggered_set(test.images, test.labels, card.trigger(), int(card.target_label))
     from bdserve.training.data import load_split
 
@@ -87,7 +103,7 @@ def score_model(attack: str, model_dir: Path, args) -> dict:
     # A seeded random draw from the train split: the overlays first, then the calibration images.
     overlays = train.images[pick[:n_over]]
     rest = train.images[pick[n_over:]]
-    calib = rest[: TRAIN_CALIBRATION if args.limit is None else min(TRAIN_CALIBRATION, args.limit)]
+    calib = rest[:n_train]
     methods = [(d, DEFAULT_N[d]) for d in DETECTORS]
     detectors = build_detectors(card, methods, args.seed, overlays, model.defense_spec)
     if cached.exists():
@@ -99,11 +115,12 @@ def score_model(attack: str, model_dir: Path, args) -> dict:
         scores = {}
         for name, images in (("clean", test.images), ("triggered", torch.from_numpy(trig.images)), ("train", calib)):
             print(f"{attack}: scoring {len(images)} {name} images", flush=True)
-            for det, s in score_images(model, detectors, images).items():
+            for det, s in score_images(model, detectors, images, advance=_progress(attack, name, len(images))).items():
                 scores[f"{name}/{det}"] = s
         seconds = time.perf_counter() - t0
         np.savez(cached, **scores)
     out = {"attack": attack, "model_dir": str(model_dir), "model": card.name, "defense": model.defense_spec,
+           "limit": limit,
            "card_attack": {k: card.attack.get(k) for k in ("kind", "target", "poison_rate", "enhanced", "max_shrink")},
            "clean_images": int(len(test)), "triggered_images": int(len(trig)),
            "train_calibration_images": int(len(calib)), "scoring_seconds": seconds, "detectors": {}}
@@ -123,22 +140,22 @@ def score_model(attack: str, model_dir: Path, args) -> dict:
 
 def markdown(results: list[dict], args) -> str:
     lines = ["# Trigger detectors on CIFAR-10 (fast network)", "",
-             f"Clean: the {results[0]['clean_images']} test images; triggered: the test images of every "
+             "Clean: the CIFAR-10 test images (all 10,000 unless a row says otherwise); triggered: the test images of every "
              "non-target class with the card's trigger. Detectors: "
              + ", ".join(f"{d} ({DEFAULT_N[d]})" for d in DETECTORS)
              + f"; {1 + sum(d['forward_passes'] for d in results[0]['detectors'].values())} forward passes per image "
              "in all (1 shared undefended). "
              f"Calibrated FAR target {FPR:.0%}. Command: `python experiments/detect.py "
              + " ".join(f"--model {m}" for m in args.model) + (f" --limit {args.limit}" if args.limit else "") + "`",
-             "", "| attack | detector | AUROC [95% CI] | TPR @1% FPR | TPR @5% FPR | FAR cross-fit (fold A / B) | "
+             "", "| attack | detector | clean / triggered images | AUROC [95% CI] | TPR @1% FPR | TPR @5% FPR | FAR cross-fit (fold A / B) | "
              "TPR at cross-fit threshold | FAR, calibrated on train | TPR, calibrated on train |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---|---:|---:|---:|"]
     for r in results:
         for name, d in r["detectors"].items():
             m, cf, tr = d["metrics"], d["crossfit_test"], d["calibrated_on_train"]
             lo, hi = m["auroc_ci95"]
             folds = " / ".join(f"{100 * f['far']:.2f}" for f in cf["folds"])
-            lines.append(f"| {r['attack']} | {d['spec']} | {m['auroc']:.3f} [{lo:.3f}, {hi:.3f}] | "
+            lines.append(f"| {r['attack']} | {d['spec']} | {r['clean_images']} / {r['triggered_images']} | {m['auroc']:.3f} [{lo:.3f}, {hi:.3f}] | "
                          f"{dm.pct(m['at_fpr_1']['tpr'])} | {dm.pct(m['at_fpr_5']['tpr'])} | "
                          f"{100 * cf['far']:.2f} ({folds}) | {100 * cf['tpr']:.1f} | {100 * tr['far']:.2f} | "
                          f"{100 * tr['tpr']:.1f} |")
@@ -152,7 +169,8 @@ def main() -> None:
     results = []
     for spec in args.model:
         attack, _, directory = spec.partition("=")
-        results.append(score_model(attack, Path(directory), args))
+        directory, _, n = directory.partition("@")
+        results.append(score_model(attack, Path(directory), int(n) if n else args.limit, args))
         print(f"{attack}: done", flush=True)
     panels = [(f"{r['attack']} ({r['model']})", r.pop("_curves")) for r in results]
     suffix = "" if args.limit is None else f"-limit{args.limit}"
