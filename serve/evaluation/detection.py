@@ -106,3 +106,28 @@ def roc_figure(panels: list[tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------ bdserve eval --detect
+SCORE_OUTPUT = "trigger_score"  # the served combined margin (max over the server's detectors)
+METHOD_PREFIX = "trigger_score_"  # one served margin per detector: trigger_score_<method>
+
+
+def served_detection(run, attack: str) -> tuple[list[dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Rows (one per served detector, then the combined flag) and ROC curves from one
+    evaluation run through a ``--detect`` server. Served scores are margins, so the
+    calibrated threshold is 0 (an image is flagged above it)."""
+    clean, trig = run.sets.get("clean"), run.sets.get("triggered")
+    if clean is None or trig is None:
+        raise ValueError("detection needs clean and triggered images (a card with an attack)")
+    names = [n for n in clean.scores if n.startswith(METHOD_PREFIX)] + [n for n in clean.scores if n == SCORE_OUTPUT]
+    if not names:
+        raise ValueError("the server sent no trigger scores: start it with --detect METHOD[,METHOD]")
+    rows, curves = [], {}
+    for name in names:
+        c = clean.scores[name][clean.answered]
+        t = trig.scores[name][trig.answered]
+        detector = name[len(METHOD_PREFIX):] if name.startswith(METHOD_PREFIX) else "any (served flag)"
+        rows.append({"attack": attack, "detector": detector, "metrics": detector_metrics(c, t, threshold=0.0)})
+        curves[detector] = (c, t)
+    return rows, curves
