@@ -38,7 +38,7 @@ from bdserve.transforms.detectors import (DETECTORS, Detector, build_detector, f
 
 OVERLAYS_FILE = "strip_overlays.safetensors"
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
-CLASSIFY_CHUNK = 1024  # images per runtime call: bounds activation memory for detector views
+CLASSIFY_CHUNK = 1024  # images per runtime call (DefendedModel.classify): bounds the detectors' activation memory
 
 
 class NotCalibrated(ValueError):
@@ -71,16 +71,6 @@ class CalibrationConfig:
     limit: int | None = None  # most trusted images scored
 
 
-def classify_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """float [0, 1] batch on the model's device -> probabilities, in runtime calls of bounded size."""
-    from bdserve.serve.pipeline import _to_probs
-
-    def classify(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_to_probs(model._forward(c)) for c in torch.split(x, CLASSIFY_CHUNK)])
-
-    return classify
-
-
 def build_detectors(card: ModelCard, methods: Sequence[tuple[str, int | None]], seed: int,
                     overlays: torch.Tensor | None, defense: str) -> list[Detector]:
     g = torch.Generator().manual_seed(int(seed))
@@ -93,13 +83,12 @@ def build_detectors(card: ModelCard, methods: Sequence[tuple[str, int | None]], 
 
 def score_images(model, detectors: Sequence[Detector], images: torch.Tensor, batch_size: int = 256,
                  advance: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Raw detector scores of uint8 images (N, C, H, W), in batches, with no defense applied."""
-    classify = classify_fn(model)
+    """Raw detector scores of uint8 images (N, C, H, W), in batches (``model``: a DefendedModel)."""
     out: dict[str, list[np.ndarray]] = {d.name: [] for d in detectors}
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(model.device).float().div_(255)
-            _, scores = score_batch(detectors, x, classify)
+            _, scores = score_batch(detectors, x, model.classify)
             for name, s in scores.items():
                 out[name].append(s.double().cpu().numpy())
             if advance:
@@ -195,11 +184,12 @@ class Detection:
         return ", ".join(d.spec for d in self.detectors) + f" (calibrated FAR {self.expected_far:.3g})"
 
     def judge(self, raw: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Raw scores -> (margins per detector, combined margin = max, suspected = combined > 0)."""
+        """Raw scores -> (margins per detector, combined margin = max, suspected = combined > 0).
+        float32, as every door sends them, so in-process and served values are the same numbers."""
         per = {n: margins(s.double().cpu().numpy(), self.records[n]["threshold"], self.records[n]["median"])
                for n, s in raw.items()}
-        combined = np.max(np.stack(list(per.values())), axis=0)
-        return per, combined, combined > 0
+        combined = np.max(np.stack(list(per.values())), axis=0).astype(np.float32)
+        return {n: m.astype(np.float32) for n, m in per.items()}, combined, combined > 0
 
 
 def load_detection(model_dir: Path, card: ModelCard, methods: str | Sequence[str], *,
