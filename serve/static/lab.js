@@ -104,7 +104,7 @@ function render(file, doc, label, kind) {
   const model = models.find((m) => m.name === doc.model);
   const [h, w] = doc.fitted_size;
   const fit = doc.fit;
-  const fitText = `fit ${fit.name}${fit.fallback ? ` (${fit.fallback})` : ""}`;
+  const fitText = `fit ${fit.spec || fit.name}${fit.fallback ? ` (${fit.fallback})` : ""}`;
 
   const photoUrl = URL.createObjectURL(file);
   const photo = el("img", { class: "photo", src: photoUrl, alt: `The photo you sent: ${file.name}` });
