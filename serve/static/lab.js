@@ -77,7 +77,7 @@ function defenseCard(row, doc, model) {
   if (row.trigger_score !== null && row.trigger_score !== undefined) {
     detect.push(el("span", { class: "score", text: `trigger score ${row.trigger_score.toFixed(3)}` }));
   }
-  if (row.suspected !== null && row.suspected !== undefined && row.defense !== "none") {
+  if (row.suspected !== null && row.suspected !== undefined) {
     detect.push(row.suspected
       ? el("span", { class: "tag suspected", text: "suspected trigger" })
       : el("span", { class: "tag clear", text: "not suspected" }));
