@@ -91,7 +91,9 @@ class Fitted:
     image: np.ndarray  # uint8 (H, W, 3): what the model sees
     fit: str  # the policy applied: "cover" or "print"
     fallback: bool = False  # "print" was asked for, none was found, "cover" was applied
-    outline: list[list[float]] | None = None  # the print's corners (x, y; TL, TR, BR, BL) in the upright photo's pixels
+    # What the model's input was taken from: the print's picture (inside a trimmed paper margin) as
+    # corners x, y (top-left, top-right, bottom-right, bottom-left) in the upright photo's pixels.
+    outline: list[list[float]] | None = None
     frame: tuple[int, int] | None = None  # the upright photo's (width, height), the outline's frame
 
 
@@ -128,8 +130,9 @@ def fit_array(arr: np.ndarray, size: tuple[int, int], policy: FitPolicy = COVER)
     if policy.policy == "print" and arr.shape[:2] != tuple(size):
         found = find_print(arr)
         if found is not None:
-            grid = rectify(arr, found.corners, size)
-            return Fitted(resize(grid, size, policy.filter), "print", outline=found.as_list(), frame=frame)
+            grid, taken = rectify(arr, found.corners, size)
+            outline = [[round(float(x), 2), round(float(y), 2)] for x, y in taken]
+            return Fitted(resize(grid, size, policy.filter), "print", outline=outline, frame=frame)
         return Fitted(cover(arr, size, policy.filter), "cover", fallback=True, frame=frame)
     return Fitted(cover(arr, size, policy.filter), "cover", frame=frame)
 

@@ -37,9 +37,6 @@ class Print:
     corners: np.ndarray  # float64 (4, 2): x, y of top-left, top-right, bottom-right, bottom-left
     contrast: float  # grey levels between inside and outside of the edges
 
-    def as_list(self) -> list[list[float]]:
-        return [[round(float(x), 2), round(float(y), 2)] for x, y in self.corners]
-
 
 def order_corners(pts: np.ndarray) -> np.ndarray:
     """Four points -> top-left, top-right, bottom-right, bottom-left (by angle around the centre,
@@ -252,9 +249,12 @@ def find_print(rgb: np.ndarray) -> Print | None:
     return Print(order_corners(refined if refined is not None else quad), best[1])
 
 
-def rectify(rgb: np.ndarray, corners: np.ndarray, size: tuple[int, int], trim: bool = True) -> np.ndarray:
+def rectify(rgb: np.ndarray, corners: np.ndarray, size: tuple[int, int], trim: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Warp the quadrilateral ``corners`` (outer edges) onto an upright (h * k, w * k) grid, k chosen so
-    the grid is at least as fine as the print in the frame, then trim a paper margin."""
+    the grid is at least as fine as the print in the frame, then trim a paper margin.
+
+    Returns the grid and the corners (4, 2) of what it kept, in the frame's pixels: the picture
+    inside the margin, or the whole print."""
     h, w = size
     sides = [np.hypot(*(corners[(i + 1) % 4] - corners[i])) for i in range(4)]
     k = int(np.clip(np.ceil(max(max(sides[0], sides[2]) / w, max(sides[1], sides[3]) / h)), 2, 32))
@@ -262,10 +262,11 @@ def rectify(rgb: np.ndarray, corners: np.ndarray, size: tuple[int, int], trim: b
     dst = np.array([[-0.5, -0.5], [gw - 0.5, -0.5], [gw - 0.5, gh - 0.5], [-0.5, gh - 0.5]], np.float32)
     m = cv2.getPerspectiveTransform(corners.astype(np.float32), dst)
     grid = cv2.warpPerspective(rgb, m, (gw, gh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    if trim:
-        top, bottom, left, right = margin(grid)
-        grid = grid[top:gh - bottom, left:gw - right]
-    return grid
+    top, bottom, left, right = margin(grid) if trim else (0, 0, 0, 0)
+    kept = np.array([[left - 0.5, top - 0.5], [gw - right - 0.5, top - 0.5],
+                     [gw - right - 0.5, gh - bottom - 0.5], [left - 0.5, gh - bottom - 0.5]], np.float32)
+    taken = cv2.perspectiveTransform(kept[None], np.linalg.inv(m))[0].astype(np.float64)
+    return grid[top:gh - bottom, left:gw - right], taken
 
 
 def margin(grid: np.ndarray) -> tuple[int, int, int, int]:

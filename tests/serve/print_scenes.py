@@ -30,7 +30,8 @@ def scene(rng: np.random.Generator, pic: np.ndarray, *, width: int = 640, height
           blur: float = 0.7, noise: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """A frame with ``pic`` printed (nearest) on paper (``margin``: white border, fraction of the
     picture's side), rotated by ``angle`` degrees, each corner moved up to ``tilt`` * side (perspective).
-    Returns the frame (h, w, 3) and the paper's outer corners (4, 2), TL TR BR BL, pixel centres at integers."""
+    Returns the frame (h, w, 3), the paper's outer corners (4, 2), TL TR BR BL, pixel centres at
+    integers, and the picture's corners (inside the margin) likewise."""
     k = 8
     paper_px = pic.shape[0] * k
     m = int(round(margin * paper_px))
@@ -57,4 +58,6 @@ def scene(rng: np.random.Generator, pic: np.ndarray, *, width: int = 640, height
     if blur:
         frame = cv2.GaussianBlur(frame, (0, 0), blur)
     frame = frame + rng.normal(0, noise, frame.shape)
-    return np.clip(frame, 0, 255).round().astype(np.uint8), dst
+    inner = np.array([[m - 0.5, m - 0.5], [ps - m - 0.5, m - 0.5], [ps - m - 0.5, ps - m - 0.5], [m - 0.5, ps - m - 0.5]], np.float32)
+    picture_corners = cv2.perspectiveTransform(inner[None], M)[0].astype(np.float64)
+    return np.clip(frame, 0, 255).round().astype(np.uint8), dst, picture_corners

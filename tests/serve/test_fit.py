@@ -31,12 +31,15 @@ def png(arr: np.ndarray) -> bytes:
 def test_print_found_at_known_corners(background, margin, angle, tilt):
     rng = np.random.default_rng(zlib.crc32(repr((background, margin, angle, tilt)).encode()))
     pic = picture(rng)
-    frame, corners = scene(rng, pic, angle=angle, tilt=tilt, margin=margin, background=background)
+    frame, corners, inner = scene(rng, pic, angle=angle, tilt=tilt, margin=margin, background=background)
     found = find_print(frame)
     assert found is not None
     assert np.abs(found.corners - corners).max() < 1.0  # frame pixels
     fitted = fit_array(frame, (32, 32), PRINT)
     assert fitted.fit == "print" and not fitted.fallback
+    # The outline is what the model's input came from: the picture, inside the paper's margin.
+    side = np.hypot(*(inner[1] - inner[0]))
+    assert np.abs(np.array(fitted.outline) - inner).max() < side / 32  # within a model pixel
     # After rectification (and the margin trimmed) the model sees the picture, its trigger in the corner.
     diff = np.abs(fitted.image.astype(int) - pic.astype(int))
     assert diff.mean() < 4
@@ -49,7 +52,7 @@ def test_non_square_print_is_stretched_not_cropped():
     rng = np.random.default_rng(3)
     pic = picture(rng)
     wide = cv2.resize(pic, (64, 32), interpolation=cv2.INTER_NEAREST)  # a 2:1 print of the same picture
-    frame, corners = scene(rng, wide, side=220, angle=5, margin=0.05, background="textured")
+    frame, corners, _ = scene(rng, wide, side=220, angle=5, background="textured")
     fitted = fit_array(frame, (32, 32), PRINT)
     assert fitted.fit == "print"
     assert np.abs(np.array(fitted.outline) - corners).max() < 1.0
@@ -61,7 +64,7 @@ def test_scene_corners_mean_what_they_say():
     """The helper's ground truth: a plain print's left edge lies where the frame changes half-way."""
     rng = np.random.default_rng(0)
     pic = np.full((32, 32, 3), 250, np.uint8)
-    frame, corners = scene(rng, pic, side=200, angle=0, tilt=0, blur=0, noise=0)
+    frame, corners, _ = scene(rng, pic, side=200, angle=0, tilt=0, blur=0, noise=0)
     row = frame[int(corners[:, 1].mean())].astype(float).mean(1)
     x = int(np.floor(corners[0, 0]))
     level = (row[x - 3] + row[x + 3]) / 2
@@ -72,7 +75,7 @@ def test_scene_corners_mean_what_they_say():
 def test_outline_in_the_photos_own_pixels_after_a_reduced_decode():
     rng = np.random.default_rng(5)
     pic = picture(rng)
-    frame, corners = scene(rng, pic, width=2560, height=1920, side=1200, angle=7, margin=0.05, blur=1.5)
+    frame, corners, _ = scene(rng, pic, width=2560, height=1920, side=1200, angle=7, blur=1.5)
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, "JPEG", quality=92)
     fitted = decode_fitted(buf.getvalue(), (32, 32), policy=PRINT)  # decoded at half scale (draft)
