@@ -124,9 +124,9 @@ def _candidates(gray: np.ndarray, rgb: np.ndarray) -> list[np.ndarray]:
     return quads
 
 
-def _edge_contrast(gray: np.ndarray, quad: np.ndarray) -> float:
-    """Mean absolute grey difference between thin bands just inside and just outside each side
-    (away from the corners), the weakest side counting: a print stands out all around."""
+def _edge_contrast(soft: np.ndarray, quad: np.ndarray) -> float:
+    """How much the print stands out: the colour distance between thin bands just inside and just
+    outside each side (away from the corners), on a smoothed (h, w, 3) frame."""
     c = quad.mean(0)
     diffs = []
     for i in range(4):
@@ -138,12 +138,13 @@ def _edge_contrast(gray: np.ndarray, quad: np.ndarray) -> float:
         if np.dot(c - pts.mean(0), n) < 0:
             n = -n  # n points inwards
         off = max(2.0, 0.02 * np.hypot(*d))
-        inside = _sample(gray, pts + off * n)
-        outside = _sample(gray, pts - off * n)
-        ok = ~(np.isnan(inside) | np.isnan(outside))
-        if ok.sum() < 8:
+        inside = np.stack([_sample(soft[..., k], pts + off * n) for k in range(3)], -1)
+        outside = np.stack([_sample(soft[..., k], pts - off * n) for k in range(3)], -1)
+        dist = np.linalg.norm(inside - outside, axis=-1)
+        dist = dist[~np.isnan(dist)]
+        if len(dist) < 8:
             return 0.0
-        diffs.append(float(np.mean(np.abs(inside[ok] - outside[ok]))))
+        diffs.append(float(dist.mean()))
     # A print stands out all round, though a stretch of one side may match the table's colour.
     return min(float(np.mean(diffs)), 2.5 * min(diffs))
 
@@ -227,7 +228,7 @@ def find_print(rgb: np.ndarray) -> Print | None:
     small = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
     gray_small = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     # Contrast is judged on a smoothed copy: pixel noise differs everywhere, a print's edge stands out.
-    soft = cv2.GaussianBlur(gray_small.astype(np.float32), (0, 0), 2)
+    soft = cv2.GaussianBlur(small.astype(np.float32), (0, 0), 2)
     sh, sw = gray_small.shape
     edge = 0.01 * min(sh, sw)
     best = None
