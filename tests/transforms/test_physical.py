@@ -14,7 +14,7 @@ from bdserve.transforms.triggers import badnets
 
 def test_parameters_are_drawn_per_sample():
     x = torch.rand(1, 3, 32, 32).expand(64, 3, 32, 32).contiguous()  # one image, 64 times
-    layer = RandomPhysical()
+    layer = RandomPhysical(PhysicalRanges(p=1.0))  # every group on every image
     p = layer.draw(x, torch.Generator().manual_seed(0))
     for key in ("sigma", "brightness", "contrast", "quality"):
         assert p[key].unique().numel() == 64, key
@@ -27,6 +27,19 @@ def test_parameters_are_drawn_per_sample():
     assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1
     differs = sum(not torch.allclose(out[i], out[0], atol=1e-3) for i in range(1, 64))
     assert differs == 63  # the same image came out 64 different ways
+
+
+def test_each_group_applies_to_about_half_the_images():
+    x = torch.rand(400, 3, 32, 32)
+    p = RandomPhysical().draw(x, torch.Generator().manual_seed(3))
+    identity = torch.eye(3).expand(400, 3, 3)
+    groups = {"geometry": ~torch.isclose(p["matrix"], identity, atol=1e-5).flatten(1).all(1),
+              "blur": p["sigma"] > 0, "light": p["contrast"] != 1, "jpeg": p["jpeg"]}
+    for name, on in groups.items():
+        assert 150 < int(on.sum()) < 250, name
+    # Independent draws: about a sixteenth of the images get none of the four.
+    none = ~(groups["geometry"] | groups["blur"] | groups["light"] | groups["jpeg"])
+    assert 8 < int(none.sum()) < 50
 
 
 def test_seeded_draws_reproduce():
@@ -42,7 +55,7 @@ def test_seeded_draws_reproduce():
 def test_scale_leaves_a_border_of_zeros_white_or_texture():
     # Geometry only: a 0.7 scale, centred, nothing else; the corners show the fill.
     ranges = PhysicalRanges(scale=(0.7, 0.7), rotation=0.0, perspective=0.0, blur_sigma=(0.0, 0.0),
-                            brightness=0.0, contrast=(1.0, 1.0), color=0.0, jpeg_quality=(95.0, 95.0))
+                            brightness=0.0, contrast=(1.0, 1.0), color=0.0, jpeg_quality=(95.0, 95.0), p=1.0)
     layer = RandomPhysical(ranges)
     x = torch.full((48, 3, 32, 32), 0.5)
     p = layer.draw(x, torch.Generator().manual_seed(1))
