@@ -40,12 +40,12 @@ from PIL import Image
 from bdserve.card import ModelCard
 from bdserve.serve.evaluation import photos as ph
 from bdserve.serve.evaluation.clients import open_client
-from bdserve.serve.evaluation.live import served
 from bdserve.serve.evaluation.physical import Camera, crop_error, jpeg, render, simulate
 from bdserve.serve.evaluation.report import pct
 from bdserve.serve.evaluation.retry import RetryPolicy, with_retries
 from bdserve.serve.images import FitPolicy, decode_fitted
 from bdserve.settings import REPO_ROOT, data_dir
+from bdserve.testing import served
 
 OUT = REPO_ROOT / "experiments" / "results" / "physical"
 MODELS = "physical-badnets,physical-badnets-plus,physical-badnets-physical"

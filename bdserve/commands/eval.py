@@ -74,9 +74,6 @@ def _photos(endpoint, model, card, folder, route, defenses, concurrency, policy,
 
     if route not in ("predictions", "oip"):
         raise ValueError("--photo-route is predictions or oip")
-    if defenses != [None] and route == "predictions" and endpoint.startswith("http://"):
-        typer.echo("note: /predictions cannot choose a defense; sending the photos as an OIP BYTES input", err=True)
-        route = "oip"
     items = ph.collect(folder, card.classes)
 
     async def go():
