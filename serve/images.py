@@ -97,6 +97,17 @@ class Fitted:
     frame: tuple[int, int] | None = None  # the upright photo's (width, height), the outline's frame
 
 
+def describe_fits(policy: FitPolicy, how: list[Fitted]) -> str:
+    """What a response says about the fit of its images: the policy applied, and which images
+    fell back to cover because no print was found."""
+    missed = [i for i, f in enumerate(how) if f.fallback]
+    if not missed:
+        return policy.spec
+    if len(missed) == len(how):
+        return f"cover ({policy.filter}; no print found)"
+    return f"{policy.spec}; no print found in image{'s' if len(missed) > 1 else ''} {', '.join(map(str, missed))}: cover"
+
+
 def resize(arr: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
     """uint8 (h, w, 3) -> (H, W, 3) with one of RESIZE_FILTERS; the same size passes untouched."""
     h, w = size

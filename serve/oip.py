@@ -282,6 +282,7 @@ class PerImageOutput:
 
 RESPONSE_PARAMETERS: tuple[ResponseParameter, ...] = (
     ResponseParameter(DEFENSE, "X-Bdserve-Defense", "defense"),
+    ResponseParameter("fit", "X-Bdserve-Fit", "fit"),  # encoded images only: the server's fit, or its fallback
 )
 PER_IMAGE_OUTPUTS: tuple[PerImageOutput, ...] = (
     PerImageOutput("suspected_trigger", "BOOL", "X-Bdserve-Suspected-Trigger", "suspected",

@@ -92,7 +92,7 @@ async def classify(client: Client, photos: list[Photo], *, route: str | None = N
             async with gate:
                 blob = p.path.read_bytes()  # as it is: the server decodes, orients and fits
                 res = {"file": str(p.path), "label": p.label, "kind": p.kind, "bytes": len(blob),
-                       "pred": None, "suspected": None, "defense": None, "error": None, "retries": 0}
+                       "pred": None, "suspected": None, "defense": None, "fit": None, "error": None, "retries": 0}
 
                 def retried(_e):
                     res["retries"] += 1
@@ -106,6 +106,7 @@ async def classify(client: Client, photos: list[Photo], *, route: str | None = N
                     res["pred"] = int(a.labels[0])
                     res["suspected"] = None if a.suspected is None else bool(a.suspected[0])
                     res["defense"] = a.defense
+                    res["fit"] = a.parameters.get("fit")  # how the server fitted the photo (None: an older server)
                 results[i] = res
                 advance(1)
 
