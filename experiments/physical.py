@@ -242,10 +242,11 @@ def main() -> None:
             for n in names:
                 for d in ("none", "shrinkpad:4"):
                     res = asyncio.run(classify(addr["http"], cards[n], scene_items, d, args.concurrency))
-                    scene_results[f"{n}/{d}"] = [{"file": Path(r["file"]).name, "kind": r["kind"], "pred": r["pred_name"],
-                                                  "hit_target": r["hit_target"], "fit": r.get("fit")} for r in res]
+                    ph.summarize(res, first.classes, first.target_label)  # names the predictions
+                    scene_results[f"{n}/{d}"] = [{"file": str(Path(r["file"]).relative_to(work / "scenes")), "kind": r["kind"],
+                                                  "pred": r["pred_name"], "hit_target": r["hit_target"], "fit": r.get("fit")}
+                                                 for r in res]
                     if n == names[-1] and d == "none":
-                        ph.summarize(res, first.classes, first.target_label)
                         ph.contact_sheet(res, args.out / "contact_scenes_print.png",
                                          f"{n}, --fit print: prints of real photographs on a table (simulated camera, not real photos)",
                                          thumb=128, cols=4, input_size=size)

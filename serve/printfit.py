@@ -138,8 +138,7 @@ def _edge_contrast(soft: np.ndarray, quad: np.ndarray) -> float:
         if np.dot(c - pts.mean(0), n) < 0:
             n = -n  # n points inwards
         off = max(2.0, 0.02 * np.hypot(*d))
-        inside = np.stack([_sample(soft[..., k], pts + off * n) for k in range(3)], -1)
-        outside = np.stack([_sample(soft[..., k], pts - off * n) for k in range(3)], -1)
+        inside, outside = _sample(soft, pts + off * n), _sample(soft, pts - off * n)
         dist = np.linalg.norm(inside - outside, axis=-1)
         dist = dist[~np.isnan(dist)]
         if len(dist) < 8:
@@ -149,13 +148,15 @@ def _edge_contrast(soft: np.ndarray, quad: np.ndarray) -> float:
     return min(float(np.mean(diffs)), 2.5 * min(diffs))
 
 
-def _sample(gray: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Bilinear samples of ``gray`` at (x, y) points; NaN outside the frame."""
-    h, w = gray.shape
+def _sample(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a float32 (h, w) or (h, w, c) image at (x, y) points: shape pts.shape[:-1]
+    (+ (c,)); NaN outside the frame."""
+    h, w = img.shape[:2]
     x, y = pts[..., 0].astype(np.float32), pts[..., 1].astype(np.float32)
     rows = x.shape[0] if x.ndim == 2 else 1  # remap wants each side of its map below 32767
-    out = cv2.remap(gray.astype(np.float32), x.reshape(rows, -1), y.reshape(rows, -1), cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan).reshape(x.shape)
+    out = cv2.remap(img, x.reshape(rows, -1), y.reshape(rows, -1), cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    out = out.reshape(x.shape + img.shape[2:])
     out[(x < 0) | (y < 0) | (x > w - 1) | (y > h - 1)] = np.nan
     return out
 
