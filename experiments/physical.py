@@ -296,8 +296,8 @@ def plot(doc: dict, path: Path) -> None:
                 r = doc["results"][n][c]["summary"][key]
                 xs.append(i + (j - (len(conds) - 1) / 2) * width)
                 ys.append(100 * r["rate"])
-                lo.append(100 * (r["rate"] - r["ci95"][0]))
-                hi.append(100 * (r["ci95"][1] - r["rate"]))
+                lo.append(max(0.0, 100 * (r["rate"] - r["ci95"][0])))
+                hi.append(max(0.0, 100 * (r["ci95"][1] - r["rate"])))
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=c.replace("/", ", "), color=colors(j * 2 + (j >= 3)))
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([n.replace("physical-", "") for n in names])

@@ -304,6 +304,6 @@ def margin(grid: np.ndarray) -> tuple[int, int, int, int]:
         if np.percentile(inner, 90) > 15:  # paper is even up to a sharp inner edge; a smooth picture drifts
             return 0, 0, 0, 0
         counts.append(int(round(mid)))
-    if min(counts) <= 2 * r:
+    if min(counts) <= r + 1:  # nothing beyond the sliver skipped at the edge
         return 0, 0, 0, 0
     return tuple(counts)
