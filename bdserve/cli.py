@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "serve",
     "import_model",
     "eval",
+    "calibrate",
     "physical",
     "study",
 ]

@@ -40,8 +40,10 @@ def register(app: typer.Typer) -> None:
         max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most images per executed batch."),
         max_queue_delay_ms: float = typer.Option(5.0, "--max-queue-delay-ms", help="Longest a request waits for batch-mates."),
         max_queue: int = typer.Option(4096, "--max-queue", help="Most images queued per model; beyond, requests get 503 / UNAVAILABLE."),
-        detect: bool = typer.Option(False, "--detect", help="Also predict the undefended input; flag and count disagreements as suspected triggers (a second forward pass)."),
-        lab: bool = typer.Option(False, "--lab", help="Evaluation lab: let requests choose the defense (parameter 'defense'). Never in production."),
+        detect: Optional[str] = typer.Option(None, "--detect", metavar="METHOD[,METHOD]", help="Score every image with calibrated trigger detectors (consistency, strip, scaleup; see `bdserve calibrate`) and flag those over the threshold. Costs forward passes: the card says how many."),
+        on_suspect: str = typer.Option("flag", "--on-suspect", help="With --detect: flag (answer, and say so) or reject (HTTP 422 / gRPC FAILED_PRECONDITION) requests holding a flagged image."),
+        lab: bool = typer.Option(False, "--lab", help="Evaluation lab: let requests choose the defense (parameter 'defense') and serve the photo lab page at /lab. Never in production."),
+        lab_keep: Optional[Path] = typer.Option(None, "--lab-keep", help="With --lab: append every photo the lab page analyses, and its answer, to DIR (labels.csv, as `bdserve eval --photos` reads). Default: nothing is stored."),
         max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
         max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest decoded image, in pixels (decompression-bomb guard)."),
         fit: str = typer.Option("cover", "--fit", help="How photos become the model's input: cover (scale to cover, center-crop) or print (find the printed picture in a camera frame, rectify it, trim its paper margin; cover when none is found). Reported in model metadata and every image response."),
@@ -73,7 +75,21 @@ def register(app: typer.Typer) -> None:
         except ValueError as e:
             typer.echo(f"error: --fit/--resize: {e}", err=True)
             raise typer.Exit(2)
+        if lab_keep is not None:
+            from bdserve.serve.lab_keep import LabKeeper
+
+            try:
+                if not lab:
+                    raise ValueError("--lab-keep needs --lab")
+                LabKeeper(lab_keep)  # checked now: a bad folder is a startup error, not a failed upload
+            except (ValueError, OSError) as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2)
         limit = int(max_body_mb * 1024 * 1024)
+        if on_suspect not in ("flag", "reject"):
+            raise typer.BadParameter(f"--on-suspect is flag or reject, not {on_suspect!r}")
+        if on_suspect == "reject" and not detect:
+            raise typer.BadParameter("--on-suspect reject needs --detect METHOD")
         try:
             models = load_models(store, model, defense=defense, backend=backend, device=device, lab=lab,
                                  detect=detect, max_pixels=max_pixels, threads=threads, fit=fit_policy)
@@ -81,13 +97,15 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         for m in models.values():
+            detecting = f", detect {m.detection.describe()}, {on_suspect} suspects" if m.detect else ""
             typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}, fit {m.fit.spec}"
-                       f"{', lab' if lab else ''}{', detect' if detect else ''}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
+                       f"{', lab' if lab else ''}{detecting}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                                   max_queue_images=max_queue)
+                                   max_queue_images=max_queue, on_suspect=on_suspect)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
-                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level)
+                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level,
+                             lab_keep=lab_keep)
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
         raise typer.Exit(code)
