@@ -2,7 +2,7 @@
 every transform's ``spec`` prints, and what a client compares a server's answer with.
 
     none | flip | shrinkpad:K | noise:STD | brightness:B | contrast:C | saturation:S | hue:H
-    (training layers) randomflip:P | randomshrinkpad:K | enhanced:K | randomcrop:P | standard
+    (training layers) randomflip:P | randomshrinkpad:K | enhanced:K | randomcrop:P | standard | physical
     and compositions joined by '+', applied left to right, e.g. ``flip+shrinkpad:2``.
 
 A new transform adds its name and value type to ``SPEC_VALUES`` here and its constructor
@@ -17,6 +17,7 @@ SPEC_VALUES: dict[str, type | None] = {
     "brightness": float, "contrast": float, "saturation": float, "hue": float,
     # the training side: the enhanced attack's random layer and the standard augmentation
     "randomflip": float, "randomshrinkpad": int, "enhanced": int, "randomcrop": int, "standard": None,
+    "physical": None,  # the camera-robust attack's print-and-photograph layer (bdserve.transforms.physical)
 }
 # The defenses a server is meant to apply (help texts, error messages).
 DEFENSE_FORMS = ["none", "flip", "shrinkpad:K", "noise:STD", "brightness:S", "contrast:S", "saturation:S", "hue:S"]

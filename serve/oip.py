@@ -293,6 +293,7 @@ class PerImageOutput:
 
 RESPONSE_PARAMETERS: tuple[ResponseParameter, ...] = (
     ResponseParameter(DEFENSE, "X-Bdserve-Defense", "defense"),
+    ResponseParameter("fit", "X-Bdserve-Fit", "fit"),  # encoded images only: the server's fit, or its fallback
 )
 # The trigger detectors a server may run (bdserve.transforms.detectors.DETECTORS; a test keeps them equal).
 TRIGGER_DETECTORS = ("consistency", "strip", "scaleup")

@@ -102,15 +102,18 @@ class InferenceService:
         return name if name in self.models else UNKNOWN_MODEL
 
     def metadata(self, model: DefendedModel) -> dict:
+        # "parameters" (HTTP only: gRPC's ModelMetadataResponse has no such field): how encoded
+        # images are fitted to the input, the same text every image response carries.
         return {"name": model.name, "versions": self.version_list(model.name), "platform": model.runtime.platform,
-                "inputs": oip.model_inputs(model), "outputs": oip.model_outputs(model)}
+                "inputs": oip.model_inputs(model), "outputs": oip.model_outputs(model),
+                "parameters": {"fit": model.fit.spec}}
 
     # --------------------------------------------------------------- inference
     async def infer(self, request: oip.InferRequest) -> oip.InferResponse:
         """One request through the model's batcher: input -> tensor, defense resolved, answer built."""
         model = self.get(request.model, request.version)
         oip.check_outputs(request, model)
-        x = await self._to_tensor(model, request.input)
+        x, fit = await self._to_tensor(model, request.input)
         # Refused here, before queueing (lab mode, bad spec); the cached Transform object is
         # what the batcher groups by, so "Flip", "flip" and no parameter share a batch.
         defense = model.resolve_defense(request.defense)
@@ -120,6 +123,7 @@ class InferenceService:
             pred = await self.batchers[(model.name, model.version)].submit(x, defense)
         finally:
             gauge.dec()
+        pred.fit = fit  # this request's own slice of the batch
         if self.on_suspect == "reject" and pred.suspected is not None and pred.suspected.any():
             self.metrics.rejected.labels(model=model.name).inc()
             flagged = [int(i) for i in pred.suspected.nonzero()[0]]
@@ -129,8 +133,9 @@ class InferenceService:
                 f"this server rejects suspected inputs)")
         return oip.infer_response(request, model, pred)
 
-    async def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor:
-        """A decoded OIP input -> the model's uint8/float batch. Images decode off the event loop."""
+    async def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> tuple[torch.Tensor, str | None]:
+        """A decoded OIP input -> the model's uint8/float batch, and how encoded images were fitted
+        (None for raw tensors). Images decode off the event loop."""
         shape = t.shape
         if shape and shape[0] > self.max_request_images:
             # Checked before any decoding: a request of 100k tiny PNGs would cost seconds and gigabytes.
@@ -141,10 +146,10 @@ class InferenceService:
         if t.datatype == "BYTES":
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
                 raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
-            return await asyncio.to_thread(model.decode, list(t.value))
+            return await asyncio.to_thread(model.decode_fitted, list(t.value))
         if t.datatype not in ("UINT8", "FP32"):
             raise InvalidInput(f"datatype {t.datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
-        return model.from_array(t.value)
+        return model.from_array(t.value), None
 
     @contextmanager
     def observe(self, model_name: str, protocol: str, ok_code: str = "200"):

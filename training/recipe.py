@@ -32,6 +32,7 @@ class TrainConfig:
     enhanced: bool = False
     max_shrink: int = 4
     enhance_benign: bool = False
+    enhancement: str = "shrinkpad"  # with enhanced: "shrinkpad" (Flip + ShrinkPad) or "physical"
     model: str = "fast"
     data: str | None = None  # None: bdserve.settings.data_dir()
     epochs: int | None = None  # None: the schedule's
@@ -74,6 +75,7 @@ def build_attack(cfg: TrainConfig, classes: list[str], image_size: int) -> Attac
         enhanced=cfg.enhanced,
         max_shrink=cfg.max_shrink,
         enhance_benign=cfg.enhance_benign,
+        enhancement=cfg.enhancement,
         poison_rate=cfg.poison_rate,
         trigger=trigger,
         image_size=image_size,
@@ -133,7 +135,8 @@ def run(cfg: TrainConfig, out: str | Path | None = None, log=print) -> TrainOutc
     rows = evaluate_defenses(model, test_set, trigger=attack.trigger if attack.kind != "none" else None,
                              target=attack.target, defenses=cfg.defenses, device=device, seed=cfg.seed)
     model = model.cpu()
-    name = cfg.name or (f"{cfg.attack}{'-plus' if cfg.enhanced else ''}-{cfg.model}")
+    plus = ("-plus" if cfg.enhancement == "shrinkpad" else f"-{cfg.enhancement}") if cfg.enhanced else ""
+    name = cfg.name or f"{cfg.attack}{plus}-{cfg.model}"
     card = ModelCard(
         name=name,
         version=cfg.version,

@@ -151,9 +151,11 @@ def _training_layer(name: str) -> Callable[[Any], Transform]:
     def build(value):
         from bdserve.transforms.augment import RandomCrop, StandardAugment
         from bdserve.transforms.enhance import RandomFlip, RandomShrinkPad, RandomTransformLayer
+        from bdserve.transforms.physical import RandomPhysical
 
         return {"randomflip": RandomFlip, "randomshrinkpad": RandomShrinkPad, "enhanced": RandomTransformLayer,
-                "randomcrop": RandomCrop, "standard": lambda _: StandardAugment()}[name](value)
+                "randomcrop": RandomCrop, "standard": lambda _: StandardAugment(),
+                "physical": lambda _: RandomPhysical()}[name](value)
 
     return build
 
@@ -164,7 +166,8 @@ _FACTORIES: dict[str, Callable[[Any], Transform]] = {
     "shrinkpad": ShrinkPad,
     "noise": GaussianNoise,
     **{kind: (lambda kind: lambda v: ColorShift(kind, v))(kind) for kind in _COLOR_OPS},
-    **{name: _training_layer(name) for name in ("randomflip", "randomshrinkpad", "enhanced", "randomcrop", "standard")},
+    **{name: _training_layer(name) for name in ("randomflip", "randomshrinkpad", "enhanced", "randomcrop", "standard",
+                                                "physical")},
 }
 
 

@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         lab_keep: Optional[Path] = typer.Option(None, "--lab-keep", help="With --lab: append every photo the lab page analyses, and its answer, to DIR (labels.csv, as `bdserve eval --photos` reads). Default: nothing is stored."),
         max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
         max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest decoded image, in pixels (decompression-bomb guard)."),
+        fit: str = typer.Option("cover", "--fit", help="How photos become the model's input: cover (scale to cover, center-crop) or print (find the printed picture in a camera frame, rectify it, trim its paper margin; cover when none is found). Reported in model metadata and every image response."),
+        resize: Optional[str] = typer.Option(None, "--resize", help="The fit's resize filter: area, bilinear or bilinear-aa (default: bilinear-aa for cover, area for print)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: its own choice)."),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch CPU threads for decoding and the defense (default 1: ONNX Runtime's pool does the heavy work, and two pools fighting over few cores slow both)."),
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
@@ -66,7 +68,14 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
+        from bdserve.serve.images import FitPolicy
+
         store = model_store or default_store()
+        try:
+            fit_policy = FitPolicy(fit, resize)
+        except ValueError as e:
+            typer.echo(f"error: --fit/--resize: {e}", err=True)
+            raise typer.Exit(2)
         if lab_keep is not None:
             from bdserve.serve.lab_keep import LabKeeper
 
@@ -84,13 +93,13 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--on-suspect reject needs --detect METHOD")
         try:
             models = load_models(store, model, defense=defense, backend=backend, device=device, lab=lab,
-                                 detect=detect, max_pixels=max_pixels, threads=threads)
+                                 detect=detect, max_pixels=max_pixels, threads=threads, fit=fit_policy)
         except (FileNotFoundError, ValueError, InvalidInput) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         for m in models:
             detecting = f", detect {m.detection.describe()}, {on_suspect} suspects" if m.detect else ""
-            typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
+            typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}, fit {m.fit.spec}"
                        f"{', lab' if lab else ''}{detecting}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,

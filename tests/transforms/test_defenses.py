@@ -124,7 +124,8 @@ def test_nonspatial_defenses_keep_the_trigger_location():
 
 
 READBACK_SPECS = ["none", "flip", "shrinkpad:4", "noise:0.05", "brightness:0.2", "hue:0.1", "flip+shrinkpad:2",
-                  "randomflip:0.5", "randomflip:0.3", "randomshrinkpad:4", "enhanced:4", "randomcrop:4", "standard"]
+                  "randomflip:0.5", "randomflip:0.3", "randomshrinkpad:4", "enhanced:4", "randomcrop:4", "standard",
+                  "physical", "enhanced:4+physical"]
 
 
 @pytest.mark.parametrize("spec", READBACK_SPECS)
