@@ -175,8 +175,9 @@ def trigger_visible(image: np.ndarray, card: ModelCard) -> float:
     return float(patch[pat > 0.5].mean() - patch[pat < 0.5].mean())
 
 
-async def classify(url: str, card: ModelCard, items: list, defense: str, concurrency: int) -> list[dict]:
-    async with open_client(url, card.name, card.classes, concurrency=concurrency) as client:
+async def classify(url: str, name: str, card: ModelCard, items: list, defense: str, concurrency: int) -> list[dict]:
+    """``name``: the served name, the model's directory."""
+    async with open_client(url, name, card.classes, concurrency=concurrency) as client:
         await with_retries(client.connect, RetryPolicy())
         return await ph.classify(client, items, route="oip", defense=defense, concurrency=concurrency)
 
@@ -216,7 +217,7 @@ def main() -> None:
             for n in names:
                 for d in DEFENSES:
                     t = time.perf_counter()
-                    res = asyncio.run(classify(addr["http"], cards[n], items, d, args.concurrency))
+                    res = asyncio.run(classify(addr["http"], n, cards[n], items, d, args.concurrency))
                     s = ph.summarize(res, first.classes, first.target_label)
                     results[n][f"{fit}/{d}"] = {"fit": fit, "defense": d, "summary": s,
                                                 "per_photo": [{k: r.get(k) for k in ("file", "kind", "label_name", "pred_name", "fit", "error")}
