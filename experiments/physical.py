@@ -237,12 +237,12 @@ def main() -> None:
                 pitems = ph.collect(folder, first.classes)
                 for n in names:
                     for d in ("none", "shrinkpad:4"):
-                        res = asyncio.run(classify(addr["http"], cards[n], pitems, d, args.concurrency))
+                        res = asyncio.run(classify(addr["http"], n, cards[n], pitems, d, args.concurrency))
                         ablation.setdefault(preset, {})[f"{n}/{d}"] = ph.summarize(res, first.classes, first.target_label)["physical_asr"]
                 print(f"ablation {preset}: " + ", ".join(f"{k} {pct(v, ci=False)}" for k, v in ablation[preset].items()), flush=True)
             for n in names:
                 for d in ("none", "shrinkpad:4"):
-                    res = asyncio.run(classify(addr["http"], cards[n], scene_items, d, args.concurrency))
+                    res = asyncio.run(classify(addr["http"], n, cards[n], scene_items, d, args.concurrency))
                     ph.summarize(res, first.classes, first.target_label)  # names the predictions
                     scene_results[f"{n}/{d}"] = [{"file": str(Path(r["file"]).relative_to(work / "scenes")), "kind": r["kind"],
                                                   "pred": r["pred_name"], "hit_target": r["hit_target"], "fit": r.get("fit")}
