@@ -6,7 +6,8 @@ counted as ``_unknown``), labels from the card's class list, codes from HTTP/gRP
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
+                               Histogram, Info, generate_latest)
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the HTTP app)
 
 UNKNOWN_MODEL = "_unknown"
@@ -20,6 +21,10 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
+        # The standard process_* and python_* series (memory, CPU, open fds, GC), which the
+        # default registry has and a registry of our own must ask for.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
         self.requests = Counter("bdserve_requests", "Requests answered", ["model", "protocol", "code"], registry=r)
         self.request_duration = Histogram(
             "bdserve_request_duration_seconds", "Time from request to response",

@@ -22,6 +22,7 @@ from pathlib import Path
 import uvicorn
 
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
+from bdserve.serve.grpc_standard import StandardServices
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
 from bdserve.serve.pipeline import DefendedModel
 from bdserve.serve.service import InferenceService
@@ -113,10 +114,12 @@ class Server:
         self._grpc = None
         if cfg.grpc_port is not None:
             self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes)
+            self._grpc_standard = StandardServices(self._grpc, self.service.models)
             self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
             if not self.grpc_port:
                 raise OSError(f"could not bind gRPC to {cfg.host}:{cfg.grpc_port}")
             await self._grpc.start()
+            await self._grpc_standard.serving()
         while not self._uvicorn.started:
             if self._http_task.done():
                 await self._http_task  # raises the startup error
@@ -135,6 +138,7 @@ class Server:
         self._uvicorn.should_exit = True  # stop accepting; uvicorn finishes open requests
         waits = [self._http_task]
         if self._grpc is not None:
+            await self._grpc_standard.draining()  # health says NOT_SERVING while calls drain
             waits.append(self._grpc.stop(self.config.grace_s))
         await asyncio.gather(*waits, return_exceptions=True)
         await self.service.stop()

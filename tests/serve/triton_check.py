@@ -1,6 +1,5 @@
-"""Run in its own process by test_cli.py: tritonclient's http and grpc modules, unchanged,
-against a running bdserve. (tritonclient.grpc and bdserve's stubs register the same
-protobuf names, so they cannot share one process.)
+"""Run in its own process by test_serve_cli.py: tritonclient's http and grpc modules,
+unchanged, against a bdserve started by the CLI (test_protos.py also runs them in-process).
 
 usage: triton_check.py HTTP_HOST:PORT GRPC_HOST:PORT INPUT.npy  -> prints JSON
 """
