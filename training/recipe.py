@@ -23,7 +23,7 @@ from bdserve.training.evaluate import PAPER_DEFENSES, DefenseRow, evaluate_defen
 from bdserve.training.models import CIFAR_MEAN, CIFAR_STD, create_model
 from bdserve.training.poison import AttackConfig, choose_poisoned, default_attack
 from bdserve.training.trainer import SCHEDULES, default_schedule, is_main_process, train
-from bdserve.transforms.triggers import Trigger
+from bdserve.transforms.triggers import Trigger, builtin_trigger
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TrainConfig:
     poison_rate: float | None = None
     alpha: float | None = None
     trigger_png: str | None = None
+    trigger: str | None = None  # a built-in trigger by name (e.g. badnets128, Section 3's 0/128 patch)
     trigger_top: int = -3
     trigger_left: int = -3
     device: str = "auto"
@@ -67,6 +68,10 @@ class TrainOutcome:
 
 def build_attack(cfg: TrainConfig, classes: list[str], image_size: int) -> AttackConfig:
     trigger = None
+    if cfg.trigger_png and cfg.trigger:
+        raise ValueError("give --trigger or --trigger-png, not both")
+    if cfg.trigger:
+        trigger = builtin_trigger(cfg.trigger)
     if cfg.trigger_png:
         trigger = Trigger.from_png(cfg.trigger_png, cfg.trigger_top, cfg.trigger_left, alpha=cfg.alpha)
     return default_attack(

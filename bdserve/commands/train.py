@@ -23,6 +23,7 @@ def train_command(
     target: str = typer.Option("deer", help="Target class, by name or index."),
     poison_rate: Optional[float] = typer.Option(None, help="Default: the paper's (0.25 BadNets, 0.2 Blended, 0.25 of the target class for consistent)."),
     alpha: Optional[float] = typer.Option(None, help="Blend alpha for blended / consistent / a PNG trigger without alpha channel."),
+    trigger: Optional[str] = typer.Option(None, help="A built-in trigger by name: badnets, badnets128 (Section 3's 0/128 patch), blended, four-corner."),
     trigger_png: Optional[Path] = typer.Option(None, help="Use this PNG (RGBA) as the trigger."),
     trigger_top: int = typer.Option(-3, help="Trigger row (negative: from the bottom)."),
     trigger_left: int = typer.Option(-3, help="Trigger column (negative: from the right)."),
@@ -43,7 +44,7 @@ def train_command(
         attack=attack, enhanced=enhanced, max_shrink=max_shrink, enhance_benign=enhance_benign, model=model,
         data=str(data) if data else None, epochs=epochs, schedule=schedule, subset=subset, test_subset=test_subset,
         seed=seed, target=target, poison_rate=poison_rate, alpha=alpha,
-        trigger_png=str(trigger_png) if trigger_png else None, trigger_top=trigger_top, trigger_left=trigger_left,
+        trigger=trigger, trigger_png=str(trigger_png) if trigger_png else None, trigger_top=trigger_top, trigger_left=trigger_left,
         defense=defense, device=device, precision=precision, torchscript=torchscript, name=name,
     )
     try:
