@@ -116,16 +116,19 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def param_groups(model: nn.Module, schedule: Schedule) -> list[dict]:
-    """Weights, and the 1-D parameters (BN, biases) with the schedule's decay and lr choices."""
-    weights, one_d = [], []
+    """Weights; biases; batch-norm parameters (learning rate scaled by ``bias_lr_scale``, as
+    airbench scales its BN shifts, with the same per-step decay as everything else)."""
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    weights, biases, norm = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (one_d if p.dim() <= 1 else weights).append(p)
+            (norm if id(p) in norms else biases if p.dim() <= 1 else weights).append(p)
     scale = schedule.bias_lr_scale
-    one_d_decay = schedule.weight_decay / scale if schedule.decay_norm_and_bias else 0.0
+    one_d_decay = schedule.weight_decay if schedule.decay_norm_and_bias else 0.0
     return [
         {"params": weights, "weight_decay": schedule.weight_decay},
-        {"params": one_d, "weight_decay": one_d_decay, "lr": schedule.lr * scale},
+        {"params": biases, "weight_decay": one_d_decay},
+        {"params": norm, "weight_decay": one_d_decay / scale, "lr": schedule.lr * scale},
     ]
 
 
@@ -171,13 +174,14 @@ def train(
     poisoner = BatchPoisoner(attack)
 
     model.to(device)
-    channels_last = device.type == "cuda"
+    amp = autocast_dtype(device, precision)
+    # Channels-last: what CUDA convolutions want, and oneDNN's bf16 ones too (1.7x on this CPU).
+    channels_last = device.type == "cuda" or amp == torch.bfloat16
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = autocast_dtype(device, precision)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == torch.float16 and device.type == "cuda"))
     init_from_data(model, images)
     opt = torch.optim.SGD(param_groups(model, schedule), lr=schedule.lr, momentum=schedule.momentum,

@@ -16,7 +16,7 @@ def train_command(
     model: str = typer.Option("fast", help="Registered model name (see `bdserve models`)."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder (ImageFolder tree with train/ and test/, or torchvision CIFAR-10). Default: $BDSERVE_DATA or ../shared/data/cifar10-jpg."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: the schedule's)."),
-    schedule: Optional[str] = typer.Option(None, help="fast | tiny | vgg19-paper | resnet34-paper (default by model)."),
+    schedule: Optional[str] = typer.Option(None, help="fast-air | fast | tiny | vgg19-paper | resnet34-paper (default by model)."),
     subset: Optional[int] = typer.Option(None, help="Train on a class-balanced subset of N images."),
     test_subset: Optional[int] = typer.Option(None, help="Evaluate on a subset of N test images."),
     seed: int = typer.Option(0),

@@ -97,11 +97,12 @@ def test_weight_decay_and_bias_lr_follow_the_schedule():
     from bdserve.training.trainer import SCHEDULES, param_groups
 
     model = create_model("fast-air")
-    weights, one_d = param_groups(model, SCHEDULES["fast-air"])
+    weights, biases, norm = param_groups(model, SCHEDULES["fast-air"])
     s = SCHEDULES["fast-air"]
-    assert one_d["lr"] == s.lr * 64 and one_d["lr"] * one_d["weight_decay"] == pytest.approx(s.lr * s.weight_decay)
-    assert all(p.requires_grad for p in weights["params"] + one_d["params"])  # frozen BN scales stay out
-    _, old = param_groups(create_model("fast"), SCHEDULES["fast"])
-    assert old["weight_decay"] == 0.0  # the old recipe's documented choice
-    _, paper = param_groups(create_model("resnet18"), SCHEDULES["resnet34-paper"])
+    assert norm["lr"] == s.lr * 64 and norm["lr"] * norm["weight_decay"] == pytest.approx(s.lr * s.weight_decay)
+    assert "lr" not in biases and len(biases["params"]) == 1  # the whitening bias learns at the base rate
+    assert all(p.requires_grad for g in (weights, biases, norm) for p in g["params"])  # frozen BN scales stay out
+    _, old_biases, old_norm = param_groups(create_model("fast"), SCHEDULES["fast"])
+    assert old_norm["weight_decay"] == 0.0 == old_biases["weight_decay"]  # the old recipe's documented choice
+    _, _, paper = param_groups(create_model("resnet18"), SCHEDULES["resnet34-paper"])
     assert paper["weight_decay"] == 1e-4  # the paper's code decays every parameter
