@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bdserve.serve.evaluation.live import served
+from bdserve.testing import served
 from bdserve.settings import REPO_ROOT, model_store
 
 OUT = REPO_ROOT / "experiments" / "results" / "studies"
