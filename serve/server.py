@@ -39,6 +39,7 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     grace_s: float = 30.0
     log_level: str = "warning"
+    lab_keep: Path | None = None  # --lab-keep: the photo lab appends each upload and answer here
 
 
 def model_dirs(store: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -105,7 +106,7 @@ class Server:
         await self.service.start()
         sock = _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.service, max_body_bytes=cfg.max_body_bytes)
+        app = create_app(self.service, max_body_bytes=cfg.max_body_bytes, lab_keep=cfg.lab_keep)
         self._uvicorn = _Uvicorn(uvicorn.Config(
             app, log_level=cfg.log_level, access_log=False, lifespan="off",
             timeout_graceful_shutdown=int(cfg.grace_s) or None,
