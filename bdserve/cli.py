@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "serve",
     "import_model",
     "eval",
+    "calibrate",
     "physical",
     "study",
 ]
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the command; a failure prints one line on stderr (``--debug`` anywhere: the traceback)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("BDSERVE_DEBUG", "") not in ("", "0")
-    args = flag_values_read([a for a in args if a != "--debug"])
+    from bdserve.commands.train import bare_enhanced_means_shrinkpad
+
+    args = flag_values_read(bare_enhanced_means_shrinkpad([a for a in args if a != "--debug"]))
     try:
         app(args=args, prog_name="bdserve")
     except SystemExit:

@@ -54,14 +54,16 @@ def test_demo_serves_the_model_and_sends_requests(tiny_badnets_dir, cifar_dir):
     assert "Requests through the live service" in out
     assert 'bdserve_requests_total{code="200",model="' in out
     assert "POST /predictions/" in out and "-> 200" in out
+    assert "--detect scaleup" in out and "trigger score" in out  # calibrated on the way (none in the card)
 
 
 def test_flag_words_are_read_not_refused():
-    """`--enhanced true` is what people type for a flag: read it (false: leave the flag out)."""
+    """`--torchscript true` is what people type for a flag: read it (false: leave the flag out)."""
     from bdserve.cli import flag_values_read
 
-    assert flag_values_read(["train", "--enhanced", "true", "--epochs", "1"]) == ["train", "--enhanced", "--epochs", "1"]
-    assert flag_values_read(["train", "--enhanced", "false", "--torchscript=yes"]) == ["train", "--torchscript"]
+    assert flag_values_read(["train", "--torchscript", "true", "--epochs", "1"]) == ["train", "--torchscript", "--epochs", "1"]
+    assert flag_values_read(["train", "--enhance-benign", "false", "--torchscript=yes"]) == ["train", "--torchscript"]
+    assert flag_values_read(["train", "--enhanced", "physical"]) == ["train", "--enhanced", "physical"]  # takes a value
     assert flag_values_read(["serve", "--lab", "--model", "x"]) == ["serve", "--lab", "--model", "x"]
     assert flag_values_read(["eval", "--model", "true"]) == ["eval", "--model", "true"]  # a value, not a flag
 
