@@ -68,6 +68,18 @@ def test_flag_words_are_read_not_refused():
     assert flag_values_read(["eval", "--model", "true"]) == ["eval", "--model", "true"]  # a value, not a flag
 
 
+def test_enhanced_reads_a_missing_value_and_flag_words():
+    from bdserve.commands.train import bare_enhanced_means_shrinkpad as read
+
+    assert read(["train", "--enhanced"]) == ["train", "--enhanced", "shrinkpad"]
+    assert read(["train", "--enhanced", "--epochs", "1"]) == ["train", "--enhanced", "shrinkpad", "--epochs", "1"]
+    assert read(["train", "--enhanced", "true", "--epochs", "1"]) == ["train", "--enhanced", "shrinkpad", "--epochs", "1"]
+    assert read(["train", "--enhanced=yes"]) == ["train", "--enhanced", "shrinkpad"]
+    assert read(["train", "--enhanced", "false", "--epochs", "1"]) == ["train", "--epochs", "1"]
+    assert read(["train", "--enhanced", "physical"]) == ["train", "--enhanced", "physical"]
+    assert read(["eval", "--enhanced"]) == ["eval", "--enhanced"]  # only train has it
+
+
 def test_an_unexpected_failure_is_one_line_with_a_pointer_to_debug(tmp_path):
     bad = tmp_path / "card.json"
     bad.write_text("[1, 2]")  # valid JSON, not a card

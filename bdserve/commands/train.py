@@ -43,10 +43,11 @@ def train_command(
 
     from bdserve.training.recipe import TrainConfig, format_table, run
 
+    from bdserve.cli_errors import CommandError
+
     console = Console()
     if enhanced is not None and enhanced not in ENHANCEMENTS:
-        console.print(f"[red]error:[/red] --enhanced takes shrinkpad or physical (or nothing), not {enhanced!r}")
-        raise typer.Exit(2)
+        raise CommandError(f"--enhanced takes shrinkpad or physical (or nothing), not {enhanced!r}")
     cfg = TrainConfig(
         attack=attack, enhanced=enhanced is not None, enhancement=enhanced or "shrinkpad", max_shrink=max_shrink, enhance_benign=enhance_benign, model=model,
         data=str(data) if data else None, epochs=epochs, schedule=schedule, subset=subset, test_subset=test_subset,
@@ -83,14 +84,27 @@ ENHANCEMENTS = ("shrinkpad", "physical")
 
 def bare_enhanced_means_shrinkpad(args: list[str]) -> list[str]:
     """``--enhanced`` with no value (the end of the line or another option next) is the paper's
-    Flip + ShrinkPad. Typer has no option whose value may be left out, so the command line is
-    completed before parsing (only within ``train``)."""
+    Flip + ShrinkPad; so is ``--enhanced true`` (what people type for a flag), and ``--enhanced
+    false`` leaves it out. Typer has no option whose value may be left out, so the command line
+    is completed before parsing (only within ``train``)."""
+    from bdserve.cli import FALSE_WORDS, TRUE_WORDS
+
     if "train" not in args:
         return args
     out = list(args)
     for i in range(len(out) - 1, out.index("train"), -1):
-        if out[i] == "--enhanced" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+        name, eq, word = out[i].partition("=")
+        if name != "--enhanced":
+            continue
+        if not eq and (i + 1 == len(out) or out[i + 1].startswith("-")):
             out.insert(i + 1, "shrinkpad")
+            continue
+        value_at = i if eq else i + 1
+        word = word if eq else out[i + 1]
+        if word.lower() in TRUE_WORDS:
+            out[i:value_at + 1] = ["--enhanced", "shrinkpad"]
+        elif word.lower() in FALSE_WORDS:
+            del out[i:value_at + 1]
     return out
 
 
