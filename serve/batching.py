@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from bdserve.serve import tracing
 from bdserve.serve.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class _Item:
     defense: object  # a Transform from DefendedModel.resolve_defense, a spec, or None
     future: asyncio.Future
     enqueued: float  # loop time
+    trace_parent: object = None  # the request's span context: the batch span links to it
 
     @property
     def n(self) -> int:
@@ -71,13 +73,19 @@ class Batcher:
                              f"(limit {self.max_queue_images}); retry later")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._pending.append(_Item(x, defense, fut, loop.time()))
-        self._queued_images += int(x.shape[0])
-        self._wakeup.set()
-        try:
-            return await fut
-        finally:
-            self._queued_images -= int(x.shape[0])
+        with tracing.tracer.start_as_current_span("batch wait", attributes={"bdserve.images": int(x.shape[0])}):
+            self._pending.append(_Item(x, defense, fut, loop.time(), tracing.current_context()))
+            self._queued_images += int(x.shape[0])
+            self._wakeup.set()
+            try:
+                return await fut
+            finally:
+                self._queued_images -= int(x.shape[0])
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting for a batch or in the one running (the queue-depth gauge)."""
+        return self._queued_images
 
     async def close(self) -> None:
         """Finish everything queued, then stop the worker."""
@@ -130,7 +138,9 @@ class Batcher:
             xs = [t.to(self.model.device) for t in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         try:
-            pred = await loop.run_in_executor(self._executor, lambda: self.model.predict(x, defense=defense))
+            with tracing.start_batch([i.trace_parent for i in items], int(x.shape[0])):
+                run = tracing.in_current_context(lambda: self.model.predict(x, defense=defense))
+                pred = await loop.run_in_executor(self._executor, run)
         except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
             for i in items:
                 if not i.future.done():

@@ -131,8 +131,9 @@ def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:
     return out
 
 
-def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[
+def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+                       interceptors=()) -> grpc.aio.Server:
+    server = grpc.aio.server(interceptors=list(interceptors) or None, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # grpcio sets SO_REUSEPORT by default: a second server would then share a busy port

@@ -41,6 +41,8 @@ class Metrics:
         self.batch_size = Histogram("bdserve_batch_size", "Images per executed batch", ["model"],
                                     buckets=_BATCH, registry=r)
         self.inflight = Gauge("bdserve_inflight_requests", "Requests being processed", ["model"], registry=r)
+        self.queued = Gauge("bdserve_queue_images", "Images in the model's batcher: waiting for a batch or in the "
+                            "running one (refused with 503 beyond --max-queue)", ["model"], registry=r)
         self._defense_labels: dict[str, set[str]] = {}
         self.model_info = Info("bdserve_model", "Served model", ["model"], registry=r)
         self.predictions = Counter("bdserve_predictions", "Top-1 predictions by class", ["model", "label"], registry=r)
@@ -68,6 +70,10 @@ class Metrics:
             self.false_alarm_ratio.labels(model=model.name).set(model.detection.expected_far)
             for method in model.detect_methods:
                 self.trigger_score.labels(model=model.name, method=method)
+
+    def watch_queue(self, model: str, depth) -> None:
+        """The queue-depth gauge reads ``depth()`` at every scrape (no bookkeeping per request)."""
+        self.queued.labels(model=model).set_function(depth)
 
     def observe_request(self, model: str, protocol: str, code: str | int, seconds: float) -> None:
         self.requests.labels(model=model, protocol=protocol, code=str(code)).inc()

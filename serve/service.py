@@ -25,6 +25,7 @@ from bdserve.serve.errors import InvalidInput, NotFound, SuspectedTrigger
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
 from bdserve.serve.pipeline import DefendedModel
 from bdserve.serve.repository import version_key
+from bdserve.serve.tracing import tracer
 
 SERVER_NAME = "bdserve"
 SERVER_VERSION = _version if isinstance(_version, str) else "0"
@@ -61,8 +62,13 @@ class InferenceService:
         }
         for m in self.models.values():
             self.metrics.describe_model(m)
+            self.metrics.watch_queue(m.name, self._queue_depth(m.name))
         self.max_request_images = max_queue_images
         self.ready = False
+
+    def _queue_depth(self, name: str):
+        batchers = [b for (n, _), b in self.batchers.items() if n == name]
+        return lambda: sum(b.queued_images for b in batchers)
 
     async def start(self) -> None:
         for b in self.batchers.values():
@@ -146,7 +152,8 @@ class InferenceService:
         if t.datatype == "BYTES":
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
                 raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
-            return await asyncio.to_thread(model.decode_fitted, list(t.value))
+            with tracer.start_as_current_span("decode", attributes={"bdserve.images": len(t.value)}):
+                return await asyncio.to_thread(model.decode_fitted, list(t.value))
         if t.datatype not in ("UINT8", "FP32"):
             raise InvalidInput(f"datatype {t.datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
         return model.from_array(t.value), None

@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
         grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
+        otel_endpoint: Optional[str] = typer.Option(None, "--otel-endpoint", metavar="URL", help="Send OpenTelemetry traces (OTLP over HTTP) to this collector, e.g. http://127.0.0.1:4318: a span per request (W3C traceparent honoured), decode, batch wait, batch, defense, inference. Needs the otel extra."),
         access_log: str = typer.Option("on", "--access-log", help="on: one JSON line per request on stdout (method, path, model, status, duration, bytes, request id); off: none."),
     ) -> None:
         """Serve defended models over HTTP (Open Inference Protocol v2, TorchServe-style /predictions, /metrics) and gRPC."""
@@ -106,7 +107,8 @@ def register(app: typer.Typer) -> None:
                                    max_queue_images=max_queue, on_suspect=on_suspect)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level,
-                             access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep)
+                             access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep,
+                             otel_endpoint=otel_endpoint)
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
         raise typer.Exit(code)
