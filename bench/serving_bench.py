@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from bdserve.testing import LocalTorchServe, ServeProcess, build_tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -76,88 +77,21 @@ def pick_model_dir(arg: str | None, workdir: Path) -> Path:
     demo = REPO / "model_store" / "demo"
     if (demo / "model.onnx").is_file():
         return demo
-    # No demo model yet: the tests' tiny CNN (Normalize inside, dynamic batch axis).
-    sys.path.insert(0, str(REPO / "tests" / "torchserve"))
-    from ts_helpers import build_tiny_model_dir  # noqa: E402
-
+    # No demo model yet: the registry's tiny CNN, untrained (Normalize inside, dynamic batch axis).
     return build_tiny_model_dir(workdir / "models" / "tiny", name="tiny")
 
 
 # -------------------------------------------------------------- the servers
 
 
-def _free_port() -> int:
-    from bdserve.serve.archive import free_port
-
-    return free_port()
-
-
-class BdserveProcess:
-    """``bdserve serve`` as a child process on loopback ports."""
-
-    def __init__(self, model_dir: Path, *, defense: str | None, max_batch_size: int, max_queue_delay_ms: float,
-                 log_path: Path, extra: list[str] | None = None, uvloop: bool = False):
-        self.model_dir = model_dir
-        self.http_port, self.grpc_port = _free_port(), _free_port()
-        exe = Path(sys.executable).parent / "bdserve"
-        self.cmd = [str(exe), "serve", "--model-store", str(model_dir.parent), "--model", model_dir.name,
-                    "--host", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                    "--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
-        if defense is not None:
-            self.cmd += ["--defense", defense]
-        self.cmd += extra or []
-        if uvloop:
-            # Experiment, not the shipped default: the same CLI with uvloop as the asyncio loop.
-            self.cmd = [sys.executable, "-c",
-                        "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-                        "from bdserve.cli import main; sys.argv = ['bdserve'] + sys.argv[1:]; main()"] + self.cmd[1:]
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self, timeout: float = 90) -> "BdserveProcess":
-        import httpx
-
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bdserve serve exited ({self.proc.returncode}): "
-                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{self.http_url}/v2/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError("bdserve serve not ready")
-
-    def metrics_text(self) -> str:
-        import httpx
-
-        return httpx.get(f"{self.http_url}/metrics", timeout=10).text
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: graceful shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+def bdserve_process(model_dir: Path, *, defense: str | None, max_batch_size: int, max_queue_delay_ms: float,
+                    log_path: Path, extra: list[str] | None = None) -> ServeProcess:
+    """``bdserve serve`` for one model as a child process on free loopback ports."""
+    flags = ["--host", "127.0.0.1", "--max-batch-size", str(max_batch_size),
+             "--max-queue-delay-ms", str(max_queue_delay_ms)]
+    if defense is not None:
+        flags += ["--defense", defense]
+    return ServeProcess(model_dir.parent, [model_dir.name], *flags, *(extra or []), log_path=log_path)
 
 
 # ---------------------------------------------------------------- the clients
@@ -435,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="OMP_NUM_THREADS for every server (bdserve and TorchServe's workers) and torch threads "
                          "in-process; default: leave torch's own choice")
-    ap.add_argument("--uvloop-row", action="store_true",
-                    help="also run bdserve HTTP/gRPC with uvloop as the event loop (an experiment, labelled so)")
+    ap.add_argument("--asyncio-row", action="store_true",
+                    help="also run bdserve HTTP/gRPC on the plain asyncio loop (`--loop asyncio`) for comparison "
+                         "with the default uvloop")
     ap.add_argument("--tag", default="", help="suffix of the results files, e.g. 'omp1'")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -464,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[LoadResult] = []
     lopts = dict(clients=args.clients, requests=args.requests, duration=args.duration)
 
-    def bdserve_server(d: str | None) -> BdserveProcess:
-        return BdserveProcess(model_dir, defense=d, max_batch_size=args.max_batch_size,
-                              max_queue_delay_ms=args.max_queue_delay_ms, log_path=work / "bdserve.log")
+    def bdserve_server(d: str | None, extra: list[str] | None = None) -> ServeProcess:
+        return bdserve_process(model_dir, defense=d, max_batch_size=args.max_batch_size,
+                               max_queue_delay_ms=args.max_queue_delay_ms, log_path=work / "bdserve.log", extra=extra)
 
     with bdserve_server(defense) as srv:
         for label, maker in (("bdserve HTTP", http_predictions_sender(srv.http_port, name, images)),
@@ -484,12 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(r)
         print(fmt_row(r))
 
-    if args.uvloop_row:
-        with BdserveProcess(model_dir, defense=defense, max_batch_size=args.max_batch_size,
-                            max_queue_delay_ms=args.max_queue_delay_ms, log_path=work / "bdserve.log",
-                            uvloop=True) as srv:
-            for label, maker in (("bdserve HTTP on uvloop (experiment)", http_predictions_sender(srv.http_port, name, images)),
-                                 ("bdserve gRPC on uvloop (experiment)", grpc_image_sender(srv.grpc_port, name, images))):
+    if args.asyncio_row:
+        with bdserve_server(defense, ["--loop", "asyncio"]) as srv:
+            for label, maker in (("bdserve HTTP on asyncio (comparison)", http_predictions_sender(srv.http_port, name, images)),
+                                 ("bdserve gRPC on asyncio (comparison)", grpc_image_sender(srv.grpc_port, name, images))):
                 before = mean_batch_inputs(srv.metrics_text(), name)
                 r = asyncio.run(closed_loop(label, maker, **lopts))
                 r.mean_batch = batch_delta(before, mean_batch_inputs(srv.metrics_text(), name))
@@ -499,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     ts_result = None
     ts_workers = [int(n) for n in str(args.torchserve_workers).split(",") if n.strip()]
     if not args.skip_torchserve:
-        from bdserve.serve.archive import LocalTorchServe, build_archive
+        from bdserve.serve.archive import build_archive
 
         for nw in ts_workers:
             store = work / f"mar_store_{nw}"

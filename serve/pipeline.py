@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from bdserve.serve.images import DEFAULT_MAX_PIXELS, decode_images
 from bdserve.serve.runtimes import Runtime, open_runtime
 from bdserve.settings import pick_device
 from bdserve.transforms import create_defense
+from bdserve.transforms.base import Transform
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,11 @@ class Prediction:
         return len(self.labels)
 
     def slice(self, start: int, stop: int) -> "Prediction":
-        return Prediction(
-            self.probs[start:stop], self.label_ids[start:stop], self.labels[start:stop], self.defense,
-            None if self.suspected is None else self.suspected[start:stop], self.timings,
-        )
+        """Images start..stop: every per-image field is cut, per-request fields are shared."""
+        n = len(self)
+        cut = {f.name: v[start:stop] if isinstance(v, (np.ndarray, list)) and len(v) == n else v
+               for f in fields(self) for v in [getattr(self, f.name)]}
+        return Prediction(**cut)
 
 
 class DefendedModel:
@@ -194,8 +196,6 @@ class DefendedModel:
             arr = arr.copy()
         return torch.from_numpy(np.ascontiguousarray(arr))
 
-    preprocess = from_array
-
     # ---------------------------------------------------------------- defenses
     def _build_defense(self, spec: str) -> torch.nn.Module:
         try:
@@ -213,8 +213,10 @@ class DefendedModel:
             return self._defenses.get(d.spec, d)
         return self._defenses.setdefault(d.spec, d)
 
-    def resolve_defense(self, spec: str | None) -> torch.nn.Module:
+    def resolve_defense(self, spec: str | None) -> Transform:
         """The defense a request gets: the server's, or (lab mode only) the one it asks for."""
+        if spec is not None and not isinstance(spec, str):
+            raise InvalidInput("parameter 'defense' must be a string, e.g. \"flip\"")
         if spec is None or spec == self.defense_spec:
             return self._defense
         d = self._defenses.get(spec)
@@ -245,11 +247,14 @@ class DefendedModel:
         if x.dtype != torch.uint8 and not x.is_floating_point():
             raise InvalidInput(f"datatype {x.dtype} not accepted: send uint8 or float in [0, 1]")
 
-    def predict(self, x: torch.Tensor, *, defense: str | None = None,
+    def predict(self, x: torch.Tensor, *, defense: str | Transform | None = None,
                 generator: torch.Generator | None = None) -> Prediction:
-        """Defend and classify a batch: uint8 (0..255) or float ([0, 1]) (B, 3, H, W) on any device."""
+        """Defend and classify a batch: uint8 (0..255) or float ([0, 1]) (B, 3, H, W) on any device.
+
+        ``defense``: None (the server's), a spec (resolved here, lab rules apply), or a Transform
+        that ``resolve_defense`` already returned (what the server's batcher passes)."""
         self._check(x)
-        d = self.resolve_defense(defense)
+        d = defense if isinstance(defense, Transform) else self.resolve_defense(defense)
         x = x.to(self.device, non_blocking=True)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         with torch.inference_mode():
@@ -279,9 +284,6 @@ class DefendedModel:
             top = np.argsort(-row, kind="stable")[:k]
             out.append({self.classes[i]: float(row[i]) for i in top})
         return out
-
-    def __call__(self, blobs: list[bytes], **kw) -> Prediction:
-        return self.predict(self.decode(blobs), **kw)
 
 
 def _to_probs(logits: torch.Tensor) -> torch.Tensor:

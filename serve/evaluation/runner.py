@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bdserve.progress import progress_bar
+from bdserve.specs import canonical_spec
 from bdserve.serve.evaluation.clients import Answer, Client
 from bdserve.serve.evaluation.heldout import HeldOut
 from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
@@ -56,11 +57,8 @@ class RunResult:
 
 
 def canonical(spec: str | None) -> str | None:
-    if spec is None:
-        return None
-    from bdserve.transforms import create_defense
-
-    return create_defense(spec).spec
+    """The spec as the server will name it (no torch needed: bdserve.specs)."""
+    return None if spec is None else canonical_spec(spec)
 
 
 async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None = None, batch_size: int = 256,
