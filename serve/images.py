@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bdserve.serve.errors import InvalidInput
+from bdserve.serve.fastdecode import decode_exact
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera photo; larger needs --max-pixels
@@ -93,7 +94,7 @@ def decode_images(blobs: list[bytes], size: tuple[int, int], max_pixels: int = D
     out = []
     for i, blob in enumerate(blobs):
         try:
-            t = decode_image_tensor(blob, size, max_pixels, device) if device is not None else None
+            t = decode_image_tensor(blob, size, max_pixels, device) if device is not None else decode_exact(blob, size)
             if t is None:
                 t = torch.from_numpy(decode_image(blob, size, max_pixels)).permute(2, 0, 1)
                 if device is not None:

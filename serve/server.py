@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -39,6 +40,11 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     grace_s: float = 30.0
     log_level: str = "warning"
+    # One of `--workers N` (serve/workers.py): the HTTP socket the parent listens on, gRPC bound
+    # with SO_REUSEPORT beside the other workers, and the worker's number in a response header.
+    http_fd: int | None = None
+    grpc_shared: bool = False
+    worker: int | None = None
 
 
 def model_dirs(store: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -80,6 +86,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _WorkerHeader:
+    """ASGI wrapper: every response says which worker process answered (``X-Bdserve-Worker: N pid``)."""
+
+    def __init__(self, app, number: int):
+        self.app = app
+        self.header = (b"x-bdserve-worker", f"{number} {os.getpid()}".encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_header)
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -103,9 +128,11 @@ class Server:
         cfg = self.config
         self._stop = asyncio.Event()
         await self.service.start()
-        sock = _bind(cfg.host, cfg.http_port)
+        sock = socket.socket(fileno=cfg.http_fd) if cfg.http_fd is not None else _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
         app = create_app(self.service, max_body_bytes=cfg.max_body_bytes)
+        if cfg.worker is not None:
+            app = _WorkerHeader(app, cfg.worker)
         self._uvicorn = _Uvicorn(uvicorn.Config(
             app, log_level=cfg.log_level, access_log=False, lifespan="off",
             timeout_graceful_shutdown=int(cfg.grace_s) or None,
@@ -113,7 +140,8 @@ class Server:
         self._http_task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))
         self._grpc = None
         if cfg.grpc_port is not None:
-            self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes)
+            self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes,
+                                            reuse_port=cfg.grpc_shared)
             self._grpc_standard = StandardServices(self._grpc, self.service.models)
             self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
             if not self.grpc_port:

@@ -35,15 +35,22 @@ class InferenceService:
             raise ValueError("no models to serve")
         self.models = models
         self.metrics = metrics or Metrics()
+        # Requests each door holds per model (from their first byte to their answer); the
+        # batcher waits for those not yet queued (see batching.py).
+        self._open: dict[str, int] = {name: 0 for name in models}
         self.batchers = {
             name: Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                          max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch)
+                          max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch,
+                          arriving=self._arriving(name))
             for name, m in models.items()
         }
         for m in models.values():
             self.metrics.describe_model(m)
         self.max_request_images = max_queue_images
         self.ready = False
+
+    def _arriving(self, name: str):
+        return lambda: self._open[name] - self.batchers[name].submitted
 
     async def start(self) -> None:
         for b in self.batchers.values():
@@ -75,7 +82,7 @@ class InferenceService:
         """One request through the model's batcher: input -> tensor, defense resolved, answer built."""
         model = self.get(request.model, request.version)
         oip.check_outputs(request, model)
-        x = await self._to_tensor(model, request.input)
+        x = self._to_tensor(model, request.input)
         # Refused here, before queueing (lab mode, bad spec); the cached Transform object is
         # what the batcher groups by, so "Flip", "flip" and no parameter share a batch.
         defense = model.resolve_defense(request.defense)
@@ -87,8 +94,9 @@ class InferenceService:
             gauge.dec()
         return oip.infer_response(request, model, pred)
 
-    async def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor:
-        """A decoded OIP input -> the model's uint8/float batch. Images decode off the event loop."""
+    def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor | list[bytes]:
+        """A decoded OIP input -> the model's uint8/float batch, or the encoded images, which
+        the batcher decodes with the rest of their batch (one hand-off per batch, not per request)."""
         shape = t.shape
         if shape and shape[0] > self.max_request_images:
             # Checked before any decoding: a request of 100k tiny PNGs would cost seconds and gigabytes.
@@ -99,7 +107,9 @@ class InferenceService:
         if t.datatype == "BYTES":
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
                 raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
-            return await asyncio.to_thread(model.decode, list(t.value))
+            if not t.value:
+                raise InvalidInput("no images in the request")
+            return list(t.value)
         if t.datatype not in ("UINT8", "FP32"):
             raise InvalidInput(f"datatype {t.datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
         return model.from_array(t.value)
@@ -110,8 +120,13 @@ class InferenceService:
         the transport sets ``box['code']`` when the request fails."""
         box = {"code": ok_code}
         t0 = time.perf_counter()
+        counted = model_name in self._open
+        if counted:
+            self._open[model_name] += 1
         try:
             yield box
         finally:
+            if counted:
+                self._open[model_name] -= 1
             self.metrics.observe_request(self.metric_name(model_name), protocol, box["code"],
                                          time.perf_counter() - t0)
