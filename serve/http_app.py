@@ -15,9 +15,10 @@ output's ``parameters.binary_data``; the response then carries the same header.
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -119,6 +120,7 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ infer
+    # Declared here for the route table; requests reach them through HotRoutes below.
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None):
@@ -126,9 +128,40 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
 
     @app.post("/predictions/{name}")
     async def predictions(name: str, request: Request):
-        return await _observed(service, name, _predictions(service, name, request))
+        return await _observed(service, name, _predictions(service, name, request, max_body_bytes))
 
-    return BodyLimit(app, max_body_bytes)
+    return BodyLimit(HotRoutes(app, service, max_body_bytes), max_body_bytes)
+
+
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+_PREDICTIONS_PATH = re.compile(r"/predictions/([^/]+)")
+
+
+class HotRoutes:
+    """The thin request path: the two prediction routes as plain ASGI in front of FastAPI.
+
+    ``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST /predictions/{m}`` go straight
+    to their handlers (the same functions FastAPI's routes call) with a bare Starlette
+    Request: no middleware stack, route scan or dependency solving per request. Everything
+    else, and any other method, goes to FastAPI."""
+
+    def __init__(self, app, service: InferenceService, max_body_bytes: int):
+        self.app, self.service, self.max_body = app, service, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if m := _INFER_PATH.fullmatch(path):
+                name, version = m.group(1), m.group(2)
+                work = _infer(self.service, name, version, Request(scope, receive))
+            elif m := _PREDICTIONS_PATH.fullmatch(path):
+                name = m.group(1)
+                work = _predictions(self.service, name, Request(scope, receive), self.max_body)
+            else:
+                return await self.app(scope, receive, send)
+            response = await _observed(self.service, name, work)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 async def _observed(service: InferenceService, name: str, work) -> Response:
@@ -163,8 +196,8 @@ def _read_infer_request(name: str, version: str | None, body: bytes, header_len:
     else:
         header, binary = body, memoryview(b"")
     try:
-        req = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        req = orjson.loads(header)
+    except orjson.JSONDecodeError as e:
         raise InvalidInput(f"malformed JSON request: {e}") from None
     if not isinstance(req, dict):
         raise InvalidInput("the request must be a JSON object with an 'inputs' list")
@@ -233,20 +266,20 @@ def _write_infer_response(resp: oip.InferResponse) -> Response:
            "outputs": out_json}
     if resp.id is not None:
         doc["id"] = resp.id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return Response(head, media_type="application/json")
     return Response(head + b"".join(blobs), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-async def _predictions(service: InferenceService, name: str, request: Request) -> Response:
+async def _predictions(service: InferenceService, name: str, request: Request, max_body: int) -> Response:
     model = service.get(name)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         try:
             # A non-file field may hold the whole image; the body limit already bounds it.
-            form = await request.form(max_files=4, max_fields=16, max_part_size=request.app.state.max_body)
+            form = await request.form(max_files=4, max_fields=16, max_part_size=max_body)
         except InvalidInput:
             raise
         except Exception as e:  # noqa: BLE001 - python-multipart's errors vary by version
@@ -263,4 +296,5 @@ async def _predictions(service: InferenceService, name: str, request: Request) -
         model=name, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
         parameters={} if defense is None else {oip.DEFENSE: defense}))
     pred = resp.prediction
-    return JSONResponse(model.postprocess(pred)[0], headers=oip.prediction_headers(pred, 0))
+    return Response(orjson.dumps(model.postprocess(pred)[0], option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                    headers=oip.prediction_headers(pred, 0))
