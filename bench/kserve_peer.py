@@ -139,7 +139,7 @@ def serve() -> None:
             pred = self.pipeline.predict(x)
             out = InferOutput(name="probabilities", shape=list(pred.probs.shape), datatype="FP32")
             out.set_data_from_numpy(pred.probs, binary_data=payload.use_binary_outputs)
-            return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id,
+            return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id or "",
                                  use_binary_outputs=payload.use_binary_outputs)
 
     import torch
