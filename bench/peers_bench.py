@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0, help="measured seconds per cell")
     ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured load per server and transport first")
     ap.add_argument("--transports", default=",".join(TRANSPORTS))
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-queue-delay-ms", type=float, default=5.0)
@@ -299,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             peers.append(Peer(label, ts.inference_port, None, ts.pid, ("png",), name))
         print("servers:", ", ".join(f"{p.label} (pid {p.pid})" for p in peers), flush=True)
 
+        # Warm every server on every transport first (TorchServe's JVM compiles its hot paths
+        # under load; every runtime allocates its buffers): not measured.
+        for transport in transports:
+            for p in peers:
+                if transport in p.transports:
+                    asyncio.run(closed_loop(p.label, p.sender(transport, pngs, tensors), clients=16,
+                                            requests=10**9, duration=args.warmup_s, warmup=16))
         cells: list[Cell] = []
         t_start = time.time()
         for rnd in range(args.rounds):
