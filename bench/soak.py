@@ -30,15 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from serving_bench import (  # the script's own directory is on sys.path
-    RESULTS,
-    bdserve_process,
-    HttpConn,
-    bytes_element,  # noqa: F401 - re-exported for readers of this file
-    machine,
-    mean_batch_inputs,
-    pick_model_dir,
-)
+from bench_report import machine  # the script's own directory is on sys.path
+from loadgen import HttpConn, mean_batch_inputs
+from peers import bdserve_process, pick_model_dir
+from serving_bench import RESULTS
 
 MAX_RSS_GROWTH = 0.10
 

@@ -65,10 +65,15 @@ class Prediction:
 class DefendedModel:
     """A classifier wrapped with its test-time defense. Build it with ``DefendedModel.load``."""
 
-    def __init__(self, card: ModelCard, runtime: Runtime, *, defense: str, device: torch.device,
-                 lab: bool = False, detect: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, card: ModelCard, runtime: Runtime, *, defense: str | None = None,
+                 device: torch.device | None = None, lab: bool = False, detect: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        """``defense`` None: the card's; ``device`` None: where the runtime runs. In-process
+        evaluation is ``DefendedModel(card, TorchRuntime(module), lab=True).predict(...)``."""
         self.card = card
         self.runtime = runtime
+        device = runtime.device if device is None else device
+        defense = card.defense if defense is None else defense
         self.device = device
         self.lab = lab
         self.detect = detect
@@ -107,33 +112,13 @@ class DefendedModel:
         model_dir = Path(model_dir)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         runtime = open_runtime(model_dir, backend, dev, threads)
-        has_card = (model_dir / CARD_FILE).exists()
-        card = ModelCard.load(model_dir) if has_card else ModelCard(name=model_dir.name, architecture="foreign")
-
-        graph = getattr(runtime, "input_shape", None)
-        if input_size is not None:
-            card.input_shape = [card.input_shape[0], int(input_size[0]), int(input_size[1])]
-        elif graph and all(graph):
-            if has_card and list(graph) != list(card.input_shape):
-                raise ValueError(f"{model_dir}: card.json says input {card.input_shape}, the graph {list(graph)}")
-            card.input_shape = list(graph)
-        elif not has_card:
-            raise ValueError(f"{model_dir}: the graph's input size is dynamic ({graph}); give input_size or a card")
-        if mean is not None or std is not None:
-            card.mean = list(mean if mean is not None else [0.0] * 3)
-            card.std = list(std if std is not None else [1.0] * 3)
-            card.normalization_in_graph = False
-        if class_names:
-            card.classes = list(class_names)
-
-        model = cls(card, runtime, defense=defense if defense is not None else card.defense,
-                    device=dev, lab=lab, detect=detect, max_pixels=max_pixels)
-        # One dummy batch: learns the class count when nothing else says it, and warms the runtime up.
-        n_out = model._forward(torch.zeros((1, *card.input_shape), device=dev)).shape[-1]
-        if not card.classes:
-            card.classes = [f"class_{i}" for i in range(n_out)]
-        elif len(card.classes) != n_out:
-            raise ValueError(f"{model_dir}: {len(card.classes)} class names but the model outputs {n_out} scores")
+        given = ModelCard.load(model_dir) if (model_dir / CARD_FILE).exists() else None
+        try:
+            card = ModelCard.from_runtime(runtime, given, name=model_dir.name, input_size=input_size,
+                                          classes=class_names, mean=mean, std=std)
+        except ValueError as e:
+            raise ValueError(f"{model_dir}: {e}") from None
+        model = cls(card, runtime, defense=defense, device=dev, lab=lab, detect=detect, max_pixels=max_pixels)
         log.info("loaded %s v%s: %s, defense %s", card.name, card.version, runtime.describe(), model.defense_spec)
         return model
 
