@@ -45,10 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kserve_peer import KServeProcess  # noqa: E402
-from serving_bench import (REPO, RESULTS, HttpConn, bytes_element, closed_loop, grpc_image_sender,  # noqa: E402,F401
-                           http_predictions_sender, machine, pick_model_dir, png_images)
+from bench_report import machine
+from kserve_peer import KServeProcess
+from loadgen import closed_loop, grpc_tensor_sender, http_predictions_sender, png_images, tensor_oip_sender
+from peers import REPO, pick_model_dir
+
+RESULTS = REPO / "bench" / "results"
 
 TRANSPORTS = ("png", "oip-bin", "oip-json", "grpc")
 TARGETS = {
@@ -59,65 +61,6 @@ TARGETS = {
     "serving share of CPU, gRPC tensors, at most": 0.25,
     "serving share of CPU, PNG /predictions, at most": 0.35,
 }
-
-
-# ------------------------------------------------------------------ senders
-
-
-def tensor_oip_sender(port: int, model: str, tensors: list[np.ndarray], binary: bool):
-    """OIP HTTP infer of one UINT8 tensor per request: binary extension in and out, or JSON."""
-    def body_of(x: np.ndarray) -> tuple[bytes, dict]:
-        spec = {"name": "input", "datatype": "UINT8", "shape": list(x.shape)}
-        if binary:
-            raw = x.tobytes()
-            spec["parameters"] = {"binary_data_size": len(raw)}
-            head = json.dumps({"inputs": [spec], "parameters": {"binary_data_output": True}}).encode()
-            return head + raw, {"Content-Type": "application/octet-stream",
-                                "Inference-Header-Content-Length": str(len(head))}
-        spec["data"] = x.reshape(-1).tolist()
-        return json.dumps({"inputs": [spec]}).encode(), {"Content-Type": "application/json"}
-
-    bodies = [body_of(x) for x in tensors]
-
-    async def make():
-        conn = HttpConn("127.0.0.1", port)
-
-        async def send(i: int):
-            body, headers = bodies[i % len(bodies)]
-            status, _, data = await conn.request("POST", f"/v2/models/{model}/infer", body, headers)
-            return None if status == 200 else f"HTTP {status}: {data[:200]!r}"
-
-        return send, conn.close
-
-    return make
-
-
-def grpc_tensor_sender(port: int, model: str, tensors: list[np.ndarray]):
-    import grpc
-
-    from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
-    from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pbg
-
-    async def make():
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = pbg.GRPCInferenceServiceStub(channel)
-        reqs = []
-        for x in tensors:
-            r = pb.ModelInferRequest(model_name=model)
-            r.inputs.add(name="input", datatype="UINT8", shape=list(x.shape))
-            r.raw_input_contents.append(x.tobytes())
-            reqs.append(r)
-
-        async def send(i: int):
-            try:
-                resp = await stub.ModelInfer(reqs[i % len(reqs)], timeout=60)
-            except grpc.aio.AioRpcError as e:
-                return f"gRPC {e.code().name}: {e.details()}"
-            return None if resp.outputs else "empty response"
-
-        return send, channel.close
-
-    return make
 
 
 # ------------------------------------------------------------------ servers
