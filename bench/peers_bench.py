@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -64,6 +65,25 @@ TARGETS = {
 
 
 # ------------------------------------------------------------------ servers
+
+
+def quiet_port() -> int:
+    """A free port below the kernel's ephemeral range. gRPC servers bind with SO_REUSEPORT by
+    default (KServe's does), and a busy shared machine's port-0 binds (other people's test
+    servers) can then land on the same port and take part of the traffic: seen here once."""
+    import random
+    import socket
+
+    lo, _ = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    for _ in range(200):
+        port = random.randrange(max(1024, lo - 12000), lo)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port below the ephemeral range")
 
 
 @dataclass
@@ -200,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from bdserve.card import ModelCard
-    from bdserve.testing import ServeProcess, free_port
+    from bdserve.testing import ServeProcess
     from bdserve.testing.torchserve import LocalTorchServe
 
     work = Path(tempfile.mkdtemp(prefix="bdserve-peers-"))
@@ -221,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         for label, extra in (("bdserve", []), ("bdserve --workers 2", ["--workers", "2"])):
             if label in skip:
                 continue
-            srv = ServeProcess(model_dir.parent, [name], *flags, *extra, log_path=work / f"{label}.log").start()
+            srv = ServeProcess(model_dir.parent, [name], *flags, *extra, log_path=work / f"{label}.log",
+                               http_port=quiet_port(), grpc_port=quiet_port()).start()
             stack.append(srv)
             peers.append(Peer(label, srv.http_port, srv.grpc_port, srv.proc.pid, TRANSPORTS, name))
         if "KServe" not in skip:
-            ks = KServeProcess(model_dir, http_port=free_port(), grpc_port=free_port(), log_path=work / "kserve.log")
+            ks = KServeProcess(model_dir, http_port=quiet_port(), grpc_port=quiet_port(), log_path=work / "kserve.log")
             stack.append(ks.start())
             peers.append(Peer("KServe", ks.http_port, ks.grpc_port, ks.proc.pid, ("oip-bin", "oip-json", "grpc"), name))
         from bdserve.serve.archive import build_archive
@@ -269,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in reversed(stack):
             s.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     batches = sorted({max(1, round(x.mean_batch)) for x in cells if x.server == "bdserve" and x.mean_batch})
     inproc = inprocess_cpu_per_image(model_dir, pngs, tensors, batches or [1])
