@@ -78,7 +78,7 @@ def _internal(model: str) -> JSONResponse:
     return JSONResponse({"error": "internal server error (logged on the server)"}, status_code=500)
 
 
-def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY, lab_keep=None) -> FastAPI:
     app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.max_body = max_body_bytes
@@ -130,6 +130,9 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     async def predictions(name: str, request: Request):
         return await _observed(service, name, _predictions(service, name, request, max_body_bytes))
 
+    from bdserve.serve.lab import mount_lab  # late: lab.py builds on this module
+
+    mount_lab(app, service, lab_keep)  # the photo lab, on a --lab server only
     return BodyLimit(HotRoutes(app, service, max_body_bytes), max_body_bytes)
 
 

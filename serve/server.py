@@ -40,6 +40,7 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     grace_s: float = 30.0
     log_level: str = "warning"
+    lab_keep: Path | None = None  # --lab-keep: the photo lab appends each upload and answer here
     # One of `--workers N` (serve/workers.py): the HTTP socket the parent listens on, gRPC bound
     # with SO_REUSEPORT beside the other workers, and the worker's number in a response header.
     http_fd: int | None = None
@@ -130,7 +131,7 @@ class Server:
         await self.service.start()
         sock = socket.socket(fileno=cfg.http_fd) if cfg.http_fd is not None else _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.service, max_body_bytes=cfg.max_body_bytes)
+        app = create_app(self.service, max_body_bytes=cfg.max_body_bytes, lab_keep=cfg.lab_keep)
         if cfg.worker is not None:
             app = _WorkerHeader(app, cfg.worker)
         self._uvicorn = _Uvicorn(uvicorn.Config(
