@@ -242,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             if label in skip:
                 continue
             srv = ServeProcess(model_dir.parent, [name], *flags, *extra, log_path=work / f"{label}.log",
-                               http_port=quiet_port(), grpc_port=quiet_port()).start()
+                               http_port=quiet_port(), grpc_port=quiet_port()).start(timeout=600)
             stack.append(srv)
             peers.append(Peer(label, srv.http_port, srv.grpc_port, srv.proc.pid, TRANSPORTS, name))
         if "KServe" not in skip:
             ks = KServeProcess(model_dir, http_port=quiet_port(), grpc_port=quiet_port(), log_path=work / "kserve.log")
-            stack.append(ks.start())
+            stack.append(ks.start(timeout=600))
             peers.append(Peer("KServe", ks.http_port, ks.grpc_port, ks.proc.pid, ("oip-bin", "oip-json", "grpc"), name))
         from bdserve.serve.archive import build_archive
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             build_archive(model_dir, store, name=name, defense=card.defense, batch_size=args.max_batch_size,
                           max_batch_delay_ms=int(args.max_queue_delay_ms), workers=nw)
             ts = LocalTorchServe(store, [f"{name}.mar"], work / f"ts_{nw}", workers=nw,
-                                 extra_config={"job_queue_size": "1000"}).start()
+                                 extra_config={"job_queue_size": "1000"}).start(timeout=600)
             stack.append(ts)
             peers.append(Peer(label, ts.inference_port, None, ts.pid, ("png",), name))
         print("servers:", ", ".join(f"{p.label} (pid {p.pid})" for p in peers), flush=True)
