@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # millisecond of the demo model, and small encoded images (no camera photo blocks the loop).
 INLINE_MAX_IMAGES = 4
 INLINE_MAX_BYTES = 64 * 1024
+INLINE_IDLE_S = 0.0003  # the model idle this long before the request came (a round trip on loopback)
 
 
 @dataclass(eq=False)
@@ -88,6 +89,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._idle_since = float("-inf")  # loop time the last batch finished
         # One thread per model: batches of one model run one after another.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"predict-{model.name}")
 
@@ -175,6 +177,11 @@ class Batcher:
         more than the model on a busy machine. Anything bigger goes to the model's thread."""
         if self._pending or self.arriving() > 0:
             return False
+        # Only a request that found the model idle: one that arrives right as the last batch
+        # ends was most likely held up by it (gRPC delivers calls only once the loop is free
+        # again), and inline runs would then keep batches at one image under load.
+        if pieces[0].item.enqueued - self._idle_since < INLINE_IDLE_S:
+            return False
         n = sum(p.stop - p.start for p in pieces)
         encoded = sum(len(b) for p in pieces if p.item.encoded for b in p.item.x[p.start:p.stop])
         return n <= INLINE_MAX_IMAGES and encoded <= INLINE_MAX_BYTES
@@ -187,9 +194,11 @@ class Batcher:
             else:
                 pred, ok, failed = await loop.run_in_executor(self._executor, self._decode_and_predict, pieces, defense)
         except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
+            self._idle_since = loop.time()
             for p in pieces:
                 _fail(p.item, e)
             return
+        self._idle_since = loop.time()
         for p, e in failed:
             _fail(p.item, e)
         if pred is None:
