@@ -5,6 +5,7 @@ inside the commands so that ``bdserve --help`` stays instant."""
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 
@@ -24,6 +25,7 @@ COMMAND_MODULES = [
     "serve",
     "import_model",
     "eval",
+    "calibrate",
     "physical",
     "study",
 ]
@@ -33,6 +35,9 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    from bdserve.commands.train import bare_enhanced_means_shrinkpad
+
+    sys.argv[1:] = bare_enhanced_means_shrinkpad(sys.argv[1:])
     app()
 
 

@@ -57,6 +57,7 @@ class _Item:
     enqueued: float  # loop time
     taken: int = 0  # images already placed in a batch
     parts: list = field(default_factory=list)  # (start, Prediction) per finished piece
+    fits: list = field(default_factory=list)  # (start, [Fitted]) per decoded piece of encoded images
     done: int = 0  # images answered
 
     @property
@@ -211,8 +212,23 @@ class Batcher:
         start = 0
         for p in ok:
             n = p.stop - p.start
-            _answer(p.item, p.start, pred.slice(start, start + n))
+            self._answer(p.item, p.start, pred.slice(start, start + n))
             start += n
+
+    def _answer(self, item: _Item, start: int, pred) -> None:
+        """One piece of a request answered; the request's future resolves with its last piece,
+        saying how its images were fitted (encoded images) as one request."""
+        if item.future.done():
+            return
+        item.parts.append((start, pred))
+        item.done += len(pred)
+        if item.done < item.n:
+            return
+        if len(item.parts) > 1:
+            pred = _join([p for _, p in sorted(item.parts, key=lambda sp: sp[0])])
+        if item.encoded:
+            pred.fit = self.model.describe_fits([f for _, how in sorted(item.fits, key=lambda sh: sh[0]) for f in how])
+        item.future.set_result(pred)
 
     def _decode_and_predict(self, pieces: list[_Piece], defense):
         """In the model's thread: decode each piece's images, concatenate, predict.
@@ -223,7 +239,9 @@ class Batcher:
                 continue
             if p.item.encoded:
                 try:
-                    xs.append(self.model.decode(list(p.item.x[p.start:p.stop])))
+                    x, how = self.model.decode_with_fits(list(p.item.x[p.start:p.stop]))
+                    xs.append(x)
+                    p.item.fits.append((p.start, how))
                 except Exception as e:  # noqa: BLE001 - the request's own error (bad image, ...)
                     failed.append((p, _name_image(e, p)))
                     continue
@@ -256,18 +274,6 @@ def _fail(item: _Item, e: BaseException) -> None:
         item.future.set_exception(e)
 
 
-def _answer(item: _Item, start: int, pred) -> None:
-    """One piece of a request answered; the request's future resolves with its last piece."""
-    if item.future.done():
-        return
-    item.parts.append((start, pred))
-    item.done += len(pred)
-    if item.done < item.n:
-        return
-    if len(item.parts) == 1:
-        item.future.set_result(pred)
-        return
-    item.future.set_result(_join([p for _, p in sorted(item.parts, key=lambda sp: sp[0])]))
 
 
 def _join(preds: list):

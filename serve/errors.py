@@ -50,3 +50,11 @@ class DefenseNotAllowed(InvalidInput):
 
     http_status = 403
     grpc_code = "PERMISSION_DENIED"
+
+
+class SuspectedTrigger(ServeError):
+    """A server started with ``--on-suspect reject`` refuses images its calibrated trigger
+    detectors flag (HTTP 422, gRPC FAILED_PRECONDITION): the input, not the server, is the problem."""
+
+    http_status = 422
+    grpc_code = "FAILED_PRECONDITION"

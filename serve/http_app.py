@@ -24,13 +24,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bdserve.serve import oip
+from bdserve.serve.access_log import AccessLog
 from bdserve.serve.errors import InvalidInput, PayloadTooLarge, ServeError
 from bdserve.serve.metrics import CONTENT_TYPE_LATEST
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
+from bdserve.serve.uploads import upload_image
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "http"
+PROTOCOL = "http"  # OIP over HTTP, in metrics' protocol label
+PREDICTIONS_PROTOCOL = "predictions"  # TorchServe-style uploads
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 
@@ -115,6 +118,15 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         service.get(name, version)
         return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
 
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None):
+        return service.config(service.get(name, version))
+
+    @app.post("/v2/repository/index")
+    async def repository_index():
+        return service.repository_index()
+
     @app.get("/metrics")
     async def metrics():
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -126,50 +138,57 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     async def infer(name: str, request: Request, version: str | None = None):
         return await _observed(service, name, _infer(service, name, version, request))
 
-    @app.post("/predictions/{name}")
-    async def predictions(name: str, request: Request):
-        return await _observed(service, name, _predictions(service, name, request, max_body_bytes))
+    # TorchServe's inference API: POST or PUT (``curl -T photo.jpg``), optionally with a version.
+    @app.api_route("/predictions/{name}", methods=["POST", "PUT"])
+    @app.api_route("/predictions/{name}/{version}", methods=["POST", "PUT"])
+    async def predictions(name: str, request: Request, version: str | None = None):
+        return await _observed(service, name, _predictions(service, name, version, request), PREDICTIONS_PROTOCOL)
+
+    @app.get("/ping")
+    async def ping():  # TorchServe's health check
+        return JSONResponse({"status": "Healthy" if service.ready else "Unhealthy"},
+                            status_code=200 if service.ready else 503)
 
     from bdserve.serve.lab import mount_lab  # late: lab.py builds on this module
 
     mount_lab(app, service, lab_keep)  # the photo lab, on a --lab server only
-    return BodyLimit(HotRoutes(app, service, max_body_bytes), max_body_bytes)
+    return AccessLog(BodyLimit(HotRoutes(app, service), max_body_bytes))
 
 
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
-_PREDICTIONS_PATH = re.compile(r"/predictions/([^/]+)")
+_PREDICTIONS_PATH = re.compile(r"/predictions/([^/]+)(?:/([^/]+))?")
 
 
 class HotRoutes:
-    """The thin request path: the two prediction routes as plain ASGI in front of FastAPI.
+    """The thin request path: the prediction routes as plain ASGI in front of FastAPI.
 
-    ``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST /predictions/{m}`` go straight
-    to their handlers (the same functions FastAPI's routes call) with a bare Starlette
-    Request: no middleware stack, route scan or dependency solving per request. Everything
-    else, and any other method, goes to FastAPI."""
+    ``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST|PUT /predictions/{m}[/{v}]`` go
+    straight to their handlers (the same functions FastAPI's routes call) with a bare
+    Starlette Request: no middleware stack, route scan or dependency solving per request.
+    Everything else goes to FastAPI. The access log and body limit wrap both."""
 
-    def __init__(self, app, service: InferenceService, max_body_bytes: int):
-        self.app, self.service, self.max_body = app, service, max_body_bytes
+    def __init__(self, app, service: InferenceService):
+        self.app, self.service = app, service
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            if m := _INFER_PATH.fullmatch(path):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            path, method = scope["path"], scope["method"]
+            if method == "POST" and (m := _INFER_PATH.fullmatch(path)):
                 name, version = m.group(1), m.group(2)
-                work = _infer(self.service, name, version, Request(scope, receive))
+                work, protocol = _infer(self.service, name, version, Request(scope, receive)), PROTOCOL
             elif m := _PREDICTIONS_PATH.fullmatch(path):
-                name = m.group(1)
-                work = _predictions(self.service, name, Request(scope, receive), self.max_body)
+                name, version = m.group(1), m.group(2)
+                work, protocol = _predictions(self.service, name, version, Request(scope, receive)), PREDICTIONS_PROTOCOL
             else:
                 return await self.app(scope, receive, send)
-            response = await _observed(self.service, name, work)
+            response = await _observed(self.service, name, work, protocol)
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
-async def _observed(service: InferenceService, name: str, work) -> Response:
+async def _observed(service: InferenceService, name: str, work, protocol: str = PROTOCOL) -> Response:
     """Run a prediction route's coroutine, counting it and turning errors into answers."""
-    with service.observe(name, PROTOCOL) as box:
+    with service.observe(name, protocol) as box:
         try:
             return await work
         except ServeError as e:
@@ -183,6 +202,8 @@ async def _observed(service: InferenceService, name: str, work) -> Response:
 async def _infer(service: InferenceService, name: str, version: str | None, request: Request) -> Response:
     service.get(name, version)  # 404 before reading the body
     req = _read_infer_request(name, version, await request.body(), request.headers.get(oip.HEADER_LEN))
+    if req.id is None:  # OIP's own id wins; else the request id the access log assigned
+        req.id = request.state.request_id
     return _write_infer_response(await service.infer(req))
 
 
@@ -237,8 +258,10 @@ def _read_infer_request(name: str, version: str | None, body: bytes, header_len:
         outputs = []
         for w in wanted:
             oname = w.get("name") if isinstance(w, dict) else None
-            binary_out = _params(w, f"output {oname!r}").get("binary_data") if isinstance(w, dict) else None
-            outputs.append(oip.RequestedOutput(oname, None if binary_out is None else bool(binary_out)))
+            oparams = _params(w, f"output {oname!r}") if isinstance(w, dict) else {}
+            binary_out = oparams.get("binary_data")
+            outputs.append(oip.RequestedOutput.with_parameters(oname, None if binary_out is None else bool(binary_out),
+                                                               oparams))
     return oip.InferRequest(model=name, version=version, input=oip.Tensor(iname, datatype, shape, value),
                             parameters=params, outputs=outputs, id=req["id"] if isinstance(req.get("id"), str) else None,
                             binary_output=bool(params.get("binary_data_output", False)))
@@ -276,27 +299,13 @@ def _write_infer_response(resp: oip.InferResponse) -> Response:
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-async def _predictions(service: InferenceService, name: str, request: Request, max_body: int) -> Response:
-    model = service.get(name)
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        try:
-            # A non-file field may hold the whole image; the body limit already bounds it.
-            form = await request.form(max_files=4, max_fields=16, max_part_size=max_body)
-        except InvalidInput:
-            raise
-        except Exception as e:  # noqa: BLE001 - python-multipart's errors vary by version
-            raise InvalidInput(f"malformed multipart body: {e}") from None
-        field = form.get("data") or form.get("file")
-        if field is None:
-            raise InvalidInput("multipart upload needs a field named 'data' holding the image")
-        blob = await field.read() if hasattr(field, "read") else str(field).encode()
-    else:
-        blob = await request.body()
+async def _predictions(service: InferenceService, name: str, version: str | None, request: Request) -> Response:
+    model = service.get(name, version)
+    blob = upload_image(await request.body(), request.headers.get("content-type", ""))
     # ?defense=SPEC: like OIP's parameters.defense, honoured only by a --lab server (else 403).
     defense = request.query_params.get(oip.DEFENSE)
     resp = await service.infer(oip.InferRequest(
-        model=name, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
+        model=name, version=version, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
         parameters={} if defense is None else {oip.DEFENSE: defense}))
     pred = resp.prediction
     return Response(orjson.dumps(model.postprocess(pred)[0], option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",

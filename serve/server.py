@@ -22,6 +22,7 @@ from pathlib import Path
 
 import uvicorn
 
+from bdserve.serve import access_log, repository
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
@@ -40,6 +41,7 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     grace_s: float = 30.0
     log_level: str = "warning"
+    access_log: bool = True  # one JSON line per request on stdout (bdserve.access)
     lab_keep: Path | None = None  # --lab-keep: the photo lab appends each upload and answer here
     # One of `--workers N` (serve/workers.py): the HTTP socket the parent listens on, gRPC bound
     # with SO_REUSEPORT beside the other workers, and the worker's number in a response header.
@@ -48,29 +50,10 @@ class ServeConfig:
     worker: int | None = None
 
 
-def model_dirs(store: str | Path, names: list[str] | None = None) -> list[Path]:
-    """The model directories to serve: the named ones, else every directory holding a model."""
-    store = Path(store)
-    if names:
-        dirs = [store / n for n in names]
-        missing = [str(d) for d in dirs if not d.is_dir()]
-        if missing:
-            raise FileNotFoundError(f"no such model directory: {', '.join(missing)}")
-        return dirs
-    dirs = sorted(d for d in store.iterdir() if d.is_dir() and ((d / "model.onnx").exists() or (d / "model.pt").exists()))
-    if not dirs:
-        raise FileNotFoundError(f"{store} holds no model directory (model.onnx or model.pt)")
-    return dirs
-
-
-def load_models(store: str | Path, names: list[str] | None = None, **load_kw) -> dict[str, DefendedModel]:
-    models = {}
-    for d in model_dirs(store, names):
-        m = DefendedModel.load(d, **load_kw)
-        if m.name in models:
-            raise ValueError(f"two model directories are named {m.name!r} in their cards")
-        models[m.name] = m
-    return models
+def load_models(store: str | Path, names: list[str] | None = None, **load_kw) -> list[DefendedModel]:
+    """Every model (and version) the repository holds, or the named ones (``NAME`` or ``NAME=DIR``)."""
+    return [DefendedModel.load(e.path, name=e.name, version=e.version, **load_kw)
+            for e in repository.entries(store, names)]
 
 
 class _Uvicorn(uvicorn.Server):
@@ -128,6 +111,7 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         self._stop = asyncio.Event()
+        access_log.enable(cfg.access_log)
         await self.service.start()
         sock = socket.socket(fileno=cfg.http_fd) if cfg.http_fd is not None else _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]

@@ -5,13 +5,15 @@ turns the ``oip.InferResponse`` back into its wire format. Here the request's in
 becomes a tensor, its defense is resolved once (the Transform object then travels
 through the batcher into ``DefendedModel.predict``), and the answer is assembled by
 oip. Lookup errors, bad inputs and refused defenses arrive as ``InvalidInput``
-subclasses, a full queue as ``Overloaded`` (all ``ServeError``).
+subclasses, a full queue as ``Overloaded``, and, with ``on_suspect="reject"``, a request
+holding an image the trigger detectors flag as ``SuspectedTrigger`` (all ``ServeError``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -19,38 +21,57 @@ import torch
 from bdserve import __version__ as _version
 from bdserve.serve import oip
 from bdserve.serve.batching import Batcher
-from bdserve.serve.errors import InvalidInput, NotFound
+from bdserve.serve.errors import InvalidInput, NotFound, SuspectedTrigger
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
 from bdserve.serve.pipeline import DefendedModel
+from bdserve.serve.repository import version_key
 
 SERVER_NAME = "bdserve"
 SERVER_VERSION = _version if isinstance(_version, str) else "0"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
+
+
+# What a server does with an image its trigger detectors flag: answer it and say so, or refuse it.
+ON_SUSPECT = ("flag", "reject")
 
 
 class InferenceService:
-    def __init__(self, models: dict[str, DefendedModel], *, max_batch_size: int = 32,
-                 max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None):
+    def __init__(self, models: Iterable[DefendedModel] | dict[str, DefendedModel], *, max_batch_size: int = 32,
+                 max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None,
+                 on_suspect: str = "flag"):
+        models = list(models.values()) if isinstance(models, dict) else list(models)
         if not models:
             raise ValueError("no models to serve")
-        self.models = models
+        if on_suspect not in ON_SUSPECT:
+            raise ValueError(f"on_suspect must be one of {', '.join(ON_SUSPECT)}, not {on_suspect!r}")
+        self.on_suspect = on_suspect
+        # Every version of every model; the highest version answers requests that name none.
+        self.versions: dict[str, dict[str, DefendedModel]] = {}
+        for m in models:
+            if m.version in self.versions.setdefault(m.name, {}):
+                raise ValueError(f"model {m.name!r} version {m.version} is loaded twice")
+            self.versions[m.name][m.version] = m
+        self.models = {name: vs[max(vs, key=version_key)] for name, vs in self.versions.items()}
         self.metrics = metrics or Metrics()
-        # Requests each door holds per model (from their first byte to their answer); the
+        self.max_batch_size = max_batch_size
+        # Requests each door holds per model name (from their first byte to their answer); the
         # batcher waits for those not yet queued (see batching.py).
-        self._open: dict[str, int] = {name: 0 for name in models}
+        self._open: dict[str, int] = {name: 0 for name in self.versions}
         self.batchers = {
-            name: Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                          max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch,
-                          arriving=self._arriving(name))
-            for name, m in models.items()
+            (m.name, m.version): Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                                         max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch,
+                                         arriving=self._arriving(m.name))
+            for m in models
         }
-        for m in models.values():
+        for m in self.models.values():
             self.metrics.describe_model(m)
         self.max_request_images = max_queue_images
         self.ready = False
 
     def _arriving(self, name: str):
-        return lambda: self._open[name] - self.batchers[name].submitted
+        """Requests for model ``name`` (any version) the doors hold that no batcher has yet."""
+        mine = [(name, v) for v in self.versions[name]]
+        return lambda: self._open[name] - sum(self.batchers[k].submitted for k in mine)
 
     async def start(self) -> None:
         for b in self.batchers.values():
@@ -63,19 +84,38 @@ class InferenceService:
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str, version: str | None = None) -> DefendedModel:
-        model = self.models.get(name)
-        if model is None:
+        versions = self.versions.get(name)
+        if versions is None:
             raise NotFound(f"unknown model {name!r}; this server has: {', '.join(sorted(self.models))}")
-        if version not in (None, "") and str(version) != model.version:
-            raise NotFound(f"model {name!r} has no version {version!r} (served version: {model.version})")
+        if version in (None, ""):
+            return self.models[name]
+        model = versions.get(str(version))
+        if model is None:
+            raise NotFound(f"model {name!r} has no version {version!r}; served versions: "
+                           f"{', '.join(self.version_list(name))}")
         return model
+
+    def version_list(self, name: str) -> list[str]:
+        return sorted(self.versions[name], key=version_key)
+
+    def config(self, model: DefendedModel) -> dict:
+        return oip.model_config(model, self.max_batch_size)
+
+    def repository_index(self) -> list[dict]:
+        """Triton's repository index: every served model version and its state."""
+        state = "READY" if self.ready else "UNAVAILABLE"
+        return [{"name": name, "version": v, "state": state, "reason": ""}
+                for name in sorted(self.versions) for v in self.version_list(name)]
 
     def metric_name(self, name: str) -> str:
         return name if name in self.models else UNKNOWN_MODEL
 
     def metadata(self, model: DefendedModel) -> dict:
-        return {"name": model.name, "versions": [model.version], "platform": model.runtime.platform,
-                "inputs": oip.model_inputs(model), "outputs": oip.model_outputs(model)}
+        # "parameters" (HTTP only: gRPC's ModelMetadataResponse has no such field): how encoded
+        # images are fitted to the input, the same text every image response carries.
+        return {"name": model.name, "versions": self.version_list(model.name), "platform": model.runtime.platform,
+                "inputs": oip.model_inputs(model), "outputs": oip.model_outputs(model),
+                "parameters": {"fit": model.fit.spec}}
 
     # --------------------------------------------------------------- inference
     async def infer(self, request: oip.InferRequest) -> oip.InferResponse:
@@ -89,14 +129,22 @@ class InferenceService:
         gauge = self.metrics.inflight.labels(model=model.name)
         gauge.inc()
         try:
-            pred = await self.batchers[model.name].submit(x, defense)
+            pred = await self.batchers[(model.name, model.version)].submit(x, defense)
         finally:
             gauge.dec()
+        if self.on_suspect == "reject" and pred.suspected is not None and pred.suspected.any():
+            self.metrics.rejected.labels(model=model.name).inc()
+            flagged = [int(i) for i in pred.suspected.nonzero()[0]]
+            raise SuspectedTrigger(
+                f"refused: the trigger detectors of model {model.name} flag image(s) {flagged[:20]} of this request "
+                f"as a likely backdoor trigger (score {float(pred.trigger_score.max()):.3g} > 0; "
+                f"this server rejects suspected inputs)")
         return oip.infer_response(request, model, pred)
 
     def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor | list[bytes]:
         """A decoded OIP input -> the model's uint8/float batch, or the encoded images, which
-        the batcher decodes with the rest of their batch (one hand-off per batch, not per request)."""
+        the batcher decodes with the rest of their batch (one hand-off per batch, not per request)
+        and reports how they were fitted (``Prediction.fit``)."""
         shape = t.shape
         if shape and shape[0] > self.max_request_images:
             # Checked before any decoding: a request of 100k tiny PNGs would cost seconds and gigabytes.

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
         model_store: Optional[Path] = typer.Option(None, "--model-store", help="Directory of model directories (default: $BDSERVE_MODEL_STORE or ./model_store)."),
-        model: Optional[List[str]] = typer.Option(None, "--model", help="Model directory name to serve; repeatable (default: every model in the store)."),
+        model: Optional[List[str]] = typer.Option(None, "--model", help="Model to serve: a directory of the store, or NAME=DIR to serve DIR as NAME; repeatable (default: every model in the store). Served under the directory's name; <name>/<version>/ directories are versions."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Loopback by default; bind 0.0.0.0 only behind your own network controls."),
         http_port: int = typer.Option(8080, "--http-port", help="HTTP port (0: any free port, printed at start)."),
         grpc_port: int = typer.Option(8081, "--grpc-port", help="gRPC port (0: any free port, printed at start)."),
@@ -40,16 +40,20 @@ def register(app: typer.Typer) -> None:
         max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most images per executed batch."),
         max_queue_delay_ms: float = typer.Option(5.0, "--max-queue-delay-ms", help="Longest a request waits for batch-mates."),
         max_queue: int = typer.Option(4096, "--max-queue", help="Most images queued per model; beyond, requests get 503 / UNAVAILABLE."),
-        detect: bool = typer.Option(False, "--detect", help="Also predict the undefended input; flag and count disagreements as suspected triggers (a second forward pass)."),
+        detect: Optional[str] = typer.Option(None, "--detect", metavar="METHOD[,METHOD]", help="Score every image with calibrated trigger detectors (consistency, strip, scaleup; see `bdserve calibrate`) and flag those over the threshold. Costs forward passes: the card says how many."),
+        on_suspect: str = typer.Option("flag", "--on-suspect", help="With --detect: flag (answer, and say so) or reject (HTTP 422 / gRPC FAILED_PRECONDITION) requests holding a flagged image."),
         lab: bool = typer.Option(False, "--lab", help="Evaluation lab: let requests choose the defense (parameter 'defense') and serve the photo lab page at /lab. Never in production."),
         lab_keep: Optional[Path] = typer.Option(None, "--lab-keep", help="With --lab: append every photo the lab page analyses, and its answer, to DIR (labels.csv, as `bdserve eval --photos` reads). Default: nothing is stored."),
         max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
         max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest decoded image, in pixels (decompression-bomb guard)."),
+        fit: str = typer.Option("cover", "--fit", help="How photos become the model's input: cover (scale to cover, center-crop) or print (find the printed picture in a camera frame, rectify it, trim its paper margin; cover when none is found). Reported in model metadata and every image response."),
+        resize: Optional[str] = typer.Option(None, "--resize", help="The fit's resize filter: area, bilinear or bilinear-aa (default: bilinear-aa for cover, area for print)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: its own choice)."),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch CPU threads for decoding and the defense (default 1: ONNX Runtime's pool does the heavy work, and two pools fighting over few cores slow both)."),
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
         grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
+        access_log: str = typer.Option("on", "--access-log", help="on: one JSON line per request on stdout (method, path, model, status, duration, bytes, request id); off: none."),
         workers: int = typer.Option(1, "--workers", min=1, help="Server processes sharing the ports, each with its own batcher and ONNX Runtime session (threads split between them); for machines with many cores."),
         worker_http_fd: Optional[int] = typer.Option(None, "--worker-http-fd", hidden=True, help="Internal: one of --workers, on the parent's HTTP socket."),
     ) -> None:
@@ -75,7 +79,14 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
+        from bdserve.serve.images import FitPolicy
+
         store = model_store or default_store()
+        try:
+            fit_policy = FitPolicy(fit, resize)
+        except ValueError as e:
+            typer.echo(f"error: --fit/--resize: {e}", err=True)
+            raise typer.Exit(2)
         if lab_keep is not None:
             from bdserve.serve.lab_keep import LabKeeper
 
@@ -87,21 +98,26 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(2)
         limit = int(max_body_mb * 1024 * 1024)
+        if on_suspect not in ("flag", "reject"):
+            raise typer.BadParameter(f"--on-suspect is flag or reject, not {on_suspect!r}")
+        if on_suspect == "reject" and not detect:
+            raise typer.BadParameter("--on-suspect reject needs --detect METHOD")
         try:
             models = load_models(store, model, defense=defense, backend=backend, device=device, lab=lab,
-                                 detect=detect, max_pixels=max_pixels, threads=threads)
+                                 detect=detect, max_pixels=max_pixels, threads=threads, fit=fit_policy)
         except (FileNotFoundError, ValueError, InvalidInput) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
-        for m in models.values():
-            typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
-                       f"{', lab' if lab else ''}{', detect' if detect else ''}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
+        for m in models:
+            detecting = f", detect {m.detection.describe()}, {on_suspect} suspects" if m.detect else ""
+            typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}, fit {m.fit.spec}"
+                       f"{', lab' if lab else ''}{detecting}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                                   max_queue_images=max_queue)
+                                   max_queue_images=max_queue, on_suspect=on_suspect)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level,
-                             lab_keep=lab_keep)
+                             access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep)
         if worker_http_fd is not None:
             from bdserve.serve.workers import WORKER_ENV
 

@@ -62,8 +62,8 @@ def test_two_workers_answer_on_one_port(one_model_store, rng):
 
         # Whichever worker answers /metrics counts every worker's requests.
         text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
-        assert metric(text, "bdserve_requests_total", model="tiny", protocol="http", code="200") == sent
-        assert metric(text, "bdserve_requests_total", model="tiny", protocol="grpc", code="OK") == 1
+        assert metric(text, "bdserve_requests_total", model="tiny", protocol="predictions", code="200") == sent
+        assert metric(text, "bdserve_requests_total", model="tiny", protocol="grpc", code="200") == 1
         assert metric(text, "bdserve_batch_size_sum", model="tiny") == sent + 1
         assert 'bdserve_model_info{' in text
     finally:
