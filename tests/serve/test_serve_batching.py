@@ -191,15 +191,19 @@ def test_encoded_images_decode_per_batch_and_a_bad_one_fails_alone(tiny_model, r
         b.start()
         results = await asyncio.gather(b.submit(images[:3]), b.submit([b"not an image"]), b.submit(images[3:]),
                                        b.submit([images[0], images[1], b"garbage", images[2], images[3]]),
-                                       return_exceptions=True)
+                                       b.submit(images), return_exceptions=True)
+        tensor = await b.submit(tiny_model.decode(images[:1]))
         await b.close()
-        return results
+        return results, tensor
 
-    good, bad, rest, split_bad = asyncio.run(main())
+    (good, bad, rest, split_bad, split), tensor = asyncio.run(main())
     expect = tiny_model.predict(tiny_model.decode(images), defense="flip")
     assert isinstance(bad, InvalidInput) and "not an image" in str(bad)
     assert isinstance(split_bad, InvalidInput) and str(split_bad).startswith("image 2:")
     assert np.array_equal(np.concatenate([good.label_ids, rest.label_ids]), expect.label_ids)
+    # Every encoded request, split (5 images, batches of 4) or not, says how its images were fitted; tensors don't.
+    assert np.array_equal(split.label_ids, expect.label_ids)
+    assert good.fit == rest.fit == split.fit == tiny_model.fit.spec and tensor.fit is None
 
 
 def test_a_4096_image_request_runs_as_batches_of_at_most_the_maximum(server, tiny_model):
