@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 
-from bdserve.serve.server import _bind, _url_host
+from bdserve.serve.server import PortInUse, _bind, _url_host
 
 WORKER_ENV = "BDSERVE_WORKER"  # the worker's number, 1..N (set by the parent)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -52,10 +52,7 @@ def threads_per_worker(workers: int, threads: int | None) -> int:
 
 def hold_grpc_port(host: str, port: int) -> socket.socket:
     """Check the gRPC port is free, then hold it for SO_REUSEPORT workers (see module doc)."""
-    try:
-        probe = _bind(host, port)  # no SO_REUSEPORT: refused if any process holds the port
-    except OSError as e:
-        raise OSError(f"gRPC port {port} on {host}: {e.strerror or e}; stop the other server or choose another --grpc-port") from None
+    probe = _bind(host, port, "gRPC", "--grpc-port")  # no SO_REUSEPORT: PortInUse if any process holds it
     port = probe.getsockname()[1]
     family = probe.family
     probe.close()
@@ -65,7 +62,7 @@ def hold_grpc_port(host: str, port: int) -> socket.socket:
         holder.bind((host, port))
     except OSError:
         holder.close()
-        raise OSError(f"gRPC port {port} on {host} was taken while starting") from None
+        raise PortInUse("gRPC", host, port, "--grpc-port") from None  # taken meanwhile
     return holder
 
 
@@ -111,18 +108,14 @@ class _Worker:
 
 def supervise(argv: list[str], *, workers: int, host: str, http_port: int, grpc_port: int | None,
               threads: int | None, grace_s: float, announce=print) -> int:
-    """Bind, start ``workers`` copies of ``bdserve ARGV``, announce, and run until a signal."""
-    try:
-        http = _bind(host, http_port)
-    except OSError as e:
-        announce(f"error: HTTP port {http_port} on {host}: {e.strerror or e}; stop the other server or choose another --http-port")
-        return 2
+    """Bind, start ``workers`` copies of ``bdserve ARGV``, announce, and run until a signal.
+    A busy port raises PortInUse (one line on stderr from the command line)."""
+    http = _bind(host, http_port)
     try:
         holder = hold_grpc_port(host, grpc_port) if grpc_port is not None else None
-    except OSError as e:
+    except OSError:
         http.close()
-        announce(f"error: {e}")
-        return 2
+        raise
     http.listen(2048)
     http.set_inheritable(True)
     metrics_dir = tempfile.mkdtemp(prefix="bdserve-metrics-")
@@ -141,7 +134,7 @@ def supervise(argv: list[str], *, workers: int, host: str, http_port: int, grpc_
                 if stop.is_set():
                     return 0
             if w.proc.poll() is not None:
-                announce(f"error: worker {w.number} exited during startup (code {w.proc.returncode})")
+                print(f"error: worker {w.number} exited during startup (code {w.proc.returncode})", file=sys.stderr, flush=True)
                 return 1
         announce(f"HTTP listening on http://{_url_host(host)}:{http.getsockname()[1]}")
         if holder is not None:
@@ -150,7 +143,7 @@ def supervise(argv: list[str], *, workers: int, host: str, http_port: int, grpc_
         while not stop.wait(0.5):
             dead = [w for w in pool if w.proc.poll() is not None]
             if dead:
-                announce(f"error: worker {dead[0].number} exited (code {dead[0].proc.returncode}); stopping")
+                print(f"error: worker {dead[0].number} exited (code {dead[0].proc.returncode}); stopping", file=sys.stderr, flush=True)
                 return 1
         return 0
     finally:

@@ -81,4 +81,6 @@ def test_workers_refuse_a_port_another_process_holds(one_model_store):
         r = run_cli("serve", "--model-store", str(one_model_store), "--workers", "2",
                     "--http-port", "0", "--grpc-port", str(port), timeout=120)
     assert r.returncode != 0
-    assert str(port) in r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: gRPC port {port} on 127.0.0.1 is already in use (another server?): "
+                                             "stop it or choose another --grpc-port"], r.stderr
+    assert "gRPC listening" not in r.stdout
