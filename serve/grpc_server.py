@@ -132,13 +132,15 @@ def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:
 
 
 def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
-                       interceptors=()) -> grpc.aio.Server:
+                       reuse_port: bool = False, interceptors=()) -> grpc.aio.Server:
+    """``reuse_port``: only for ``--workers`` (serve/workers.py), which holds the port for its workers;
+    ``interceptors``: tracing's (serve/tracing.py), when it is on."""
     server = grpc.aio.server(interceptors=list(interceptors) or None, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # grpcio sets SO_REUSEPORT by default: a second server would then share a busy port
-        # and take part of its traffic. Off, binding a busy port fails.
-        ("grpc.so_reuseport", 0),
+        # and take part of its traffic. Off, binding a busy port fails; on only for --workers.
+        ("grpc.so_reuseport", int(reuse_port)),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     return server

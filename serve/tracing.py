@@ -1,10 +1,11 @@
 """OpenTelemetry tracing, on when ``bdserve serve --otel-endpoint URL`` is given.
 
 A request's trace: the door's server span (ASGI or gRPC instrumentation; a W3C
-``traceparent`` from the client becomes its parent), ``decode`` (encoded images to pixels),
-``batch wait`` (queued until its batch has run), and the batch's own ``batch`` span with
-``defense`` and ``inference`` inside. One batch serves several requests, so the batch span is
-a child of the first request it serves and links to every one.
+``traceparent`` from the client becomes its parent), ``batch wait`` (queued until its last
+image has run), and the span of each batch that ran its images, ``batch``, with ``decode``
+(encoded images to pixels: the batcher decodes per batch), ``defense`` and ``inference``
+inside. One batch serves several requests (and a large request spans several batches), so a
+batch span is a child of the first request it serves and links to every one.
 
 Without an endpoint nothing is configured: the API's default tracer hands out non-recording
 spans, so the instrumented code paths cost next to nothing. Only ``opentelemetry-api`` is
