@@ -50,3 +50,12 @@ class DefenseNotAllowed(InvalidInput):
 
     http_status = 403
     grpc_code = "PERMISSION_DENIED"
+
+
+def shown(value, limit: int = 64) -> str:
+    """A client's value as an error message may echo it: repr, at most ``limit`` characters, and
+    no markup (``<`` ``>`` ``&`` escaped), so an answer never reflects what a page could render."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text.replace("&", "\\x26").replace("<", "\\x3c").replace(">", "\\x3e")

@@ -139,8 +139,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
 
-def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[
+def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+                       interceptors=()) -> grpc.aio.Server:
+    server = grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ])

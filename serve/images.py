@@ -55,6 +55,7 @@ def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_M
                     f"image of {width}x{height} = {width * height} pixels is over this server's limit of "
                     f"{max_pixels} pixels (decompression-bomb guard; see --max-pixels)"
                 )
+            check_plausible(im.format, width, height, len(blob))
             if im.format == "JPEG":
                 # Let libjpeg decode at a reduced scale (DCT scaling) when the photo is far
                 # larger than the model input: same cover-fit, a fraction of the work and memory.
@@ -79,6 +80,19 @@ def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_M
     if arr.shape != (h, w, 3):  # e.g. a mode Pillow converted oddly
         raise InvalidInput(f"could not convert the image to RGB {h}x{w} (got array {arr.shape})")
     return arr
+
+
+# A baseline or progressive Huffman JPEG spends at least a bit or two per 8x8 block even on a
+# flat image (about one byte per 200 pixels); one byte per 1024 pixels is far below any real
+# photo. A file under that is truncated or forged (a 631-byte file declaring 7000x7000),
+# and libjpeg would "decode" it to flat grey rather than fail.
+MIN_JPEG_BYTES_PER_PIXEL = 1 / 1024
+
+
+def check_plausible(fmt: str | None, width: int, height: int, nbytes: int) -> None:
+    if fmt == "JPEG" and nbytes < width * height * MIN_JPEG_BYTES_PER_PIXEL:
+        raise InvalidInput(f"implausible JPEG: {nbytes} bytes cannot hold {width}x{height} pixels "
+                           "(a truncated or forged file)")
 
 
 def decode_images(blobs: list[bytes], size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -143,8 +157,8 @@ def decode_image_tensor(blob: bytes, size: tuple[int, int], max_pixels: int,
             warnings.simplefilter("ignore")  # Pillow's bomb warning; torchvision's deprecation notice
             im = Image.open(io.BytesIO(blob), formats=FORMATS)  # the header only: size, format, EXIF
             width, height = im.size
-            if im.format != "JPEG" or width * height > max_pixels:
-                return None
+            if im.format != "JPEG" or width * height > max_pixels or len(blob) < width * height * MIN_JPEG_BYTES_PER_PIXEL:
+                return None  # the Pillow path words the refusal
             orientation = im.getexif().get(0x0112, 1)
             from torchvision.io import ImageReadMode, decode_jpeg
 
