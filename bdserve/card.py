@@ -118,6 +118,44 @@ class ModelCard:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
         return cls.from_dict(d, str(path))
 
+    @classmethod
+    def from_runtime(cls, runtime, card: "ModelCard | None" = None, *, name: str = "model",
+                     input_size: tuple[int, int] | None = None, classes: list[str] | None = None,
+                     mean: list[float] | None = None, std: list[float] | None = None) -> "ModelCard":
+        """The card of a model as its runtime shows it: the one place a card is derived from a graph.
+
+        Starts from ``card`` (a loaded card.json; else a foreign model's card named ``name``).
+        The input shape comes from ``input_size``, else the graph (it must agree with a given
+        card), else the card; the class count from one forward pass (names from ``classes``,
+        else the card's, else ``class_0 ..``); ``mean``/``std`` mean normalisation outside the
+        graph. Raises ValueError when the pieces disagree."""
+        import torch
+
+        has_card = card is not None
+        card = cls.from_dict(card.to_dict()) if has_card else cls(name=name, architecture="foreign")
+        graph = getattr(runtime, "input_shape", None)
+        if input_size is not None:
+            c = graph[0] if graph and graph[0] else card.input_shape[0]
+            card.input_shape = [int(c), int(input_size[0]), int(input_size[1])]
+        elif graph and all(graph):
+            if has_card and list(graph) != list(card.input_shape):
+                raise ValueError(f"card.json says input {card.input_shape}, the graph {list(graph)}")
+            card.input_shape = list(graph)
+        elif not has_card:
+            raise ValueError(f"the graph's input size is dynamic ({graph}); give an input size or a card")
+        if mean is not None or std is not None:
+            card.mean = list(mean if mean is not None else [0.0] * 3)
+            card.std = list(std if std is not None else [1.0] * 3)
+            card.normalization_in_graph = False
+        if classes:
+            card.classes = list(classes)
+        n_out = runtime(torch.zeros((1, *card.input_shape))).shape[-1]  # also warms the runtime up
+        if not card.classes:
+            card.classes = [f"class_{i}" for i in range(n_out)]
+        elif len(card.classes) != n_out:
+            raise ValueError(f"{len(card.classes)} class names but the model outputs {n_out} scores")
+        return card
+
     def trigger(self):
         """The attack's trigger, or None for a model this project did not infect."""
         if not self.attack or "trigger" not in self.attack:

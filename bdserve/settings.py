@@ -25,7 +25,9 @@ def cache_dir() -> Path:
 
 
 def model_store() -> Path:
-    return Path(os.environ.get("BDSERVE_MODEL_STORE", REPO_ROOT / "model_store"))
+    """Where `bdserve serve` and `bdserve import` look by default: $BDSERVE_MODEL_STORE, else ./model_store
+    in the working directory (as in Triton's and TorchServe's model repositories)."""
+    return Path(os.environ.get("BDSERVE_MODEL_STORE") or "model_store")
 
 
 def pick_device(name: str | None = None) -> "torch.device":  # noqa: F821

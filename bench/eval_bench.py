@@ -50,7 +50,7 @@ def main() -> None:
     build_sets(card, data, args.limit)  # warm the decoded-dataset cache; timed separately below
     prep_s = time.perf_counter() - t
 
-    from bdserve.serve.evaluation.live import served
+    from bdserve.testing import served
 
     flags = ["--max-batch-size", str(args.max_batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
     rows = []

@@ -23,401 +23,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
-import platform
-import struct
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
+from bench_report import TARGETS, fmt_row, machine, render_markdown
+from loadgen import LoadResult, batch_delta, closed_loop, grpc_image_sender, http_predictions_sender, mean_batch_inputs, png_images
+from peers import REPO, bdserve_process, inprocess, pick_model_dir, torchserve_runs
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-
-TARGETS = {
-    "bdserve_vs_torchserve_min_ratio": 3.0,
-    "defense_max_cost": 0.02,
-    "serving_max_overhead": 0.15,
-}
-
-
-# --------------------------------------------------------------------- payloads
-
-
-def png_images(n: int, size: int = 32, seed: int = 0) -> list[bytes]:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def bytes_element(blob: bytes) -> bytes:
-    """One element of an Open Inference Protocol BYTES tensor: 4-byte little-endian length, then the bytes."""
-    return struct.pack("<I", len(blob)) + blob
-
-
-# ------------------------------------------------------------------ the model
-
-
-def pick_model_dir(arg: str | None, workdir: Path) -> Path:
-    if arg:
-        return Path(arg).resolve()
-    demo = REPO / "model_store" / "demo"
-    if (demo / "model.onnx").is_file():
-        return demo
-    # No demo model yet: the tests' tiny CNN (Normalize inside, dynamic batch axis).
-    sys.path.insert(0, str(REPO / "tests" / "torchserve"))
-    from ts_helpers import build_tiny_model_dir  # noqa: E402
-
-    return build_tiny_model_dir(workdir / "models" / "tiny", name="tiny")
-
-
-# -------------------------------------------------------------- the servers
-
-
-def _free_port() -> int:
-    from bdserve.serve.archive import free_port
-
-    return free_port()
-
-
-class BdserveProcess:
-    """``bdserve serve`` as a child process on loopback ports."""
-
-    def __init__(self, model_dir: Path, *, defense: str | None, max_batch_size: int, max_queue_delay_ms: float,
-                 log_path: Path, extra: list[str] | None = None, uvloop: bool = False):
-        self.model_dir = model_dir
-        self.http_port, self.grpc_port = _free_port(), _free_port()
-        exe = Path(sys.executable).parent / "bdserve"
-        self.cmd = [str(exe), "serve", "--model-store", str(model_dir.parent), "--model", model_dir.name,
-                    "--host", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                    "--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
-        if defense is not None:
-            self.cmd += ["--defense", defense]
-        self.cmd += extra or []
-        if uvloop:
-            # Experiment, not the shipped default: the same CLI with uvloop as the asyncio loop.
-            self.cmd = [sys.executable, "-c",
-                        "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-                        "from bdserve.cli import main; sys.argv = ['bdserve'] + sys.argv[1:]; main()"] + self.cmd[1:]
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self, timeout: float = 90) -> "BdserveProcess":
-        import httpx
-
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bdserve serve exited ({self.proc.returncode}): "
-                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{self.http_url}/v2/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError("bdserve serve not ready")
-
-    def metrics_text(self) -> str:
-        import httpx
-
-        return httpx.get(f"{self.http_url}/metrics", timeout=10).text
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: graceful shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-# ---------------------------------------------------------------- the clients
-
-
-class HttpConn:
-    """A keep-alive HTTP/1.1 connection: just enough protocol for a load generator."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader = self.writer = None
-
-    async def _connect(self):
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-
-    async def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except Exception:  # noqa: BLE001
-                pass
-            self.writer = None
-
-    async def request(self, method: str, path: str, body: bytes = b"",
-                      headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None:
-            await self._connect()
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await self.writer.drain()
-        try:
-            status_line = await self.reader.readuntil(b"\r\n")
-            status = int(status_line.split()[1])
-            hdrs: dict[str, str] = {}
-            while True:
-                line = await self.reader.readuntil(b"\r\n")
-                if line == b"\r\n":
-                    break
-                k, _, v = line.decode("latin-1").partition(":")
-                hdrs[k.strip().lower()] = v.strip()
-            if "content-length" in hdrs:
-                data = await self.reader.readexactly(int(hdrs["content-length"]))
-            elif hdrs.get("transfer-encoding", "").lower() == "chunked":
-                parts = []
-                while True:
-                    n = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                    if n == 0:
-                        await self.reader.readuntil(b"\r\n")
-                        break
-                    parts.append(await self.reader.readexactly(n))
-                    await self.reader.readexactly(2)
-                data = b"".join(parts)
-            else:
-                data = await self.reader.read()
-                await self.close()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            await self.close()
-            raise
-        if hdrs.get("connection", "").lower() == "close":
-            await self.close()
-        return status, hdrs, data
-
-
-@dataclass
-class LoadResult:
-    name: str
-    clients: int
-    ok: int = 0
-    errors: int = 0
-    seconds: float = 0.0
-    throughput: float = 0.0  # successful requests (= images) per second
-    p50_ms: float = 0.0
-    p90_ms: float = 0.0
-    p99_ms: float = 0.0
-    mean_batch: float | None = None
-    error_samples: list[str] = field(default_factory=list)
-
-
-async def closed_loop(name: str, make_sender, clients: int, requests: int, duration: float,
-                      warmup: int = 100) -> LoadResult:
-    """``clients`` workers, each with its own connection, sending back to back until the
-    request budget or the duration runs out. ``make_sender()`` returns (send(i) -> ok/err text, close)."""
-    senders = [await make_sender() for _ in range(clients)]
-    # Warm-up: connections, server-side caches and the first batches, not measured.
-    # One request at a time per connection (HTTP/1.1 without pipelining).
-    async def warm(send, k):
-        for i in range(k):
-            await send(i)
-
-    await asyncio.gather(*(warm(s, max(1, warmup // clients)) for s, _ in senders))
-    lat: list[float] = []
-    res = LoadResult(name=name, clients=clients)
-    counter = iter(range(requests))
-    t_end = time.perf_counter() + duration
-
-    async def worker(send):
-        for i in counter:
-            if time.perf_counter() > t_end:
-                break
-            t0 = time.perf_counter()
-            try:
-                err = await send(i)
-            except Exception as e:  # noqa: BLE001 - a failed request is a counted error
-                err = repr(e)
-            if err is None:
-                lat.append(time.perf_counter() - t0)
-                res.ok += 1
-            else:
-                res.errors += 1
-                if len(res.error_samples) < 5:
-                    res.error_samples.append(err[:300])
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(s) for s, _ in senders))
-    res.seconds = time.perf_counter() - t0
-    for _, close in senders:
-        await close()
-    res.throughput = res.ok / res.seconds if res.seconds else 0.0
-    if lat:
-        ms = np.asarray(lat) * 1e3
-        res.p50_ms, res.p90_ms, res.p99_ms = (float(np.percentile(ms, q)) for q in (50, 90, 99))
-    return res
-
-
-def http_predictions_sender(port: int, model: str, images: list[bytes]):
-    async def make():
-        conn = HttpConn("127.0.0.1", port)
-
-        async def send(i: int):
-            status, _, body = await conn.request("POST", f"/predictions/{model}", images[i % len(images)],
-                                                 {"Content-Type": "application/octet-stream"})
-            return None if status == 200 else f"HTTP {status}: {body[:200]!r}"
-
-        return send, conn.close
-
-    return make
-
-
-def grpc_image_sender(port: int, model: str, images: list[bytes]):
-    import grpc
-
-    from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
-    from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pbg
-
-    async def make():
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = pbg.GRPCInferenceServiceStub(channel)
-        reqs = []
-        for blob in images:
-            r = pb.ModelInferRequest(model_name=model)
-            r.inputs.add(name="image", datatype="BYTES", shape=[1])
-            r.raw_input_contents.append(bytes_element(blob))
-            reqs.append(r)
-
-        async def send(i: int):
-            try:
-                resp = await stub.ModelInfer(reqs[i % len(reqs)], timeout=60)
-            except grpc.aio.AioRpcError as e:
-                return f"gRPC {e.code().name}: {e.details()}"
-            return None if resp.outputs else "empty response"
-
-        return send, channel.close
-
-    return make
-
-
-# ----------------------------------------------------------- in-process runs
-
-
-def inprocess(model_dir: Path, defense: str, batches: list[int], images: list[bytes], seconds: float = 3.0) -> dict:
-    """Throughput (images/s) in this process, no serving: raw ONNX Runtime, and the whole
-    pipeline (decode + defense + ORT) with the defense and without it, at each batch size."""
-    import onnxruntime as ort
-    import torch
-
-    from bdserve.serve.pipeline import DefendedModel
-
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    iname = sess.get_inputs()[0].name
-    defended = DefendedModel.load(model_dir, defense=defense)
-    plain = DefendedModel.load(model_dir, defense="none")
-    c, (h, w) = defended.channels, defended.input_size
-
-    def window(fn, n_img: int, seconds: float) -> float:
-        k, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            fn()
-            k += 1
-        return k * n_img / (time.perf_counter() - t0)
-
-    out = {}
-    for b in batches:
-        x_np = np.random.default_rng(b).random((b, c, h, w), dtype=np.float32)
-        blobs = [images[i % len(images)] for i in range(b)]
-        x_u8 = defended.decode(blobs)
-        xf = x_u8.float() / 255
-        dfn = defended.resolve_defense(None)
-
-        def defense_only():
-            with torch.inference_mode():
-                dfn(xf)
-
-        fns = {
-            "ort_session_run": lambda: sess.run(None, {iname: x_np}),
-            "pipeline_predict_defended": lambda: defended.predict(x_u8),
-            "pipeline_predict_undefended": lambda: plain.predict(x_u8),
-            "pipeline_decode_predict_defended": lambda: defended.predict(defended.decode(blobs)),
-            "defense_only": defense_only,
-        }
-        for fn in fns.values():
-            fn()  # warm-up
-        # The machine is shared: many short windows, every function in every round, so that
-        # a disturbance hits all of them alike; the median round is reported.
-        rounds = 7
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                samples[k].append(window(fn, b, seconds / (rounds * len(fns)) * 4))
-        row = {k: float(np.median(v)) for k, v in samples.items()}
-        # Paired per round: defended / undefended measured back to back.
-        ratios = [d / u for d, u in zip(samples["pipeline_predict_defended"], samples["pipeline_predict_undefended"])]
-        row["defense_cost"] = float(1 - np.median(ratios))
-        row["samples"] = {k: [round(x) for x in v] for k, v in samples.items()}
-        out[b] = row
-    return out
-
-
-# --------------------------------------------------------------------- report
-
-
-def fmt_table(rows: list[LoadResult]) -> str:
-    head = "| server | clients | ok | errors | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch |\n|---|---|---|---|---|---|---|---|\n"
-    body = "".join(
-        f"| {r.name} | {r.clients} | {r.ok} | {r.errors} | {r.throughput:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
-        f"{'-' if r.mean_batch is None else f'{r.mean_batch:.1f}'} |\n"
-        for r in rows
-    )
-    return head + body
-
-
-def machine() -> dict:
-    import onnxruntime
-    import torch
-
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "cuda": torch.cuda.is_available()}
-    try:
-        from ts.version import __version__ as tsv
-
-        info["torchserve"] = tsv
-    except ImportError:
-        info["torchserve"] = None
-    try:
-        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="OMP_NUM_THREADS for every server (bdserve and TorchServe's workers) and torch threads "
                          "in-process; default: leave torch's own choice")
-    ap.add_argument("--uvloop-row", action="store_true",
-                    help="also run bdserve HTTP/gRPC with uvloop as the event loop (an experiment, labelled so)")
+    ap.add_argument("--asyncio-row", action="store_true",
+                    help="also run bdserve HTTP/gRPC on the plain asyncio loop (`--loop asyncio`) for comparison "
+                         "with the default uvloop")
     ap.add_argument("--tag", default="", help="suffix of the results files, e.g. 'omp1'")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -464,55 +83,34 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[LoadResult] = []
     lopts = dict(clients=args.clients, requests=args.requests, duration=args.duration)
 
-    def bdserve_server(d: str | None) -> BdserveProcess:
-        return BdserveProcess(model_dir, defense=d, max_batch_size=args.max_batch_size,
-                              max_queue_delay_ms=args.max_queue_delay_ms, log_path=work / "bdserve.log")
-
-    with bdserve_server(defense) as srv:
-        for label, maker in (("bdserve HTTP", http_predictions_sender(srv.http_port, name, images)),
-                             ("bdserve gRPC", grpc_image_sender(srv.grpc_port, name, images))):
-            before = mean_batch_inputs(srv.metrics_text(), name)
-            r = asyncio.run(closed_loop(label, maker, **lopts))
-            after = mean_batch_inputs(srv.metrics_text(), name)
-            r.mean_batch = batch_delta(before, after)
-            runs.append(r)
-            print(fmt_row(r))
-    with bdserve_server("none") as srv:
-        before = mean_batch_inputs(srv.metrics_text(), name)
-        r = asyncio.run(closed_loop("bdserve HTTP, defense none", http_predictions_sender(srv.http_port, name, images), **lopts))
-        r.mean_batch = batch_delta(before, mean_batch_inputs(srv.metrics_text(), name))
-        runs.append(r)
-        print(fmt_row(r))
-
-    if args.uvloop_row:
-        with BdserveProcess(model_dir, defense=defense, max_batch_size=args.max_batch_size,
-                            max_queue_delay_ms=args.max_queue_delay_ms, log_path=work / "bdserve.log",
-                            uvloop=True) as srv:
-            for label, maker in (("bdserve HTTP on uvloop (experiment)", http_predictions_sender(srv.http_port, name, images)),
-                                 ("bdserve gRPC on uvloop (experiment)", grpc_image_sender(srv.grpc_port, name, images))):
+    def measure(defense_spec: str | None, rows: list[tuple[str, str]], extra: list[str] | None = None) -> None:
+        """Closed loops against one `bdserve serve`: rows of (label, "http" | "grpc")."""
+        with bdserve_process(model_dir, defense=defense_spec, max_batch_size=args.max_batch_size,
+                             max_queue_delay_ms=args.max_queue_delay_ms, log_path=work / "bdserve.log",
+                             extra=extra) as srv:
+            for label, door in rows:
+                maker = (http_predictions_sender(srv.http_port, name, images) if door == "http"
+                         else grpc_image_sender(srv.grpc_port, name, images))
                 before = mean_batch_inputs(srv.metrics_text(), name)
                 r = asyncio.run(closed_loop(label, maker, **lopts))
                 r.mean_batch = batch_delta(before, mean_batch_inputs(srv.metrics_text(), name))
                 runs.append(r)
                 print(fmt_row(r))
 
+    measure(defense, [("bdserve HTTP", "http"), ("bdserve gRPC", "grpc")])
+    measure("none", [("bdserve HTTP, defense none", "http")])
+    if args.asyncio_row:
+        measure(defense, [("bdserve HTTP on asyncio (comparison)", "http"),
+                          ("bdserve gRPC on asyncio (comparison)", "grpc")], ["--loop", "asyncio"])
+
     ts_result = None
     ts_workers = [int(n) for n in str(args.torchserve_workers).split(",") if n.strip()]
     if not args.skip_torchserve:
-        from bdserve.serve.archive import LocalTorchServe, build_archive
-
-        for nw in ts_workers:
-            store = work / f"mar_store_{nw}"
-            build_archive(model_dir, store, name=name, defense=defense, batch_size=args.max_batch_size,
-                          max_batch_delay_ms=int(args.max_queue_delay_ms), workers=nw)
-            with LocalTorchServe(store, [f"{name}.mar"], work / f"torchserve_{nw}", workers=nw,
-                                 extra_config={"job_queue_size": "1000"}) as ts:
-                r = asyncio.run(closed_loop(f"TorchServe ({nw} worker{'s' if nw > 1 else ''})",
-                                            http_predictions_sender(ts.inference_port, name, images), **lopts))
-            runs.append(r)
-            print(fmt_row(r))
-            if ts_result is None or r.throughput > ts_result.throughput:
-                ts_result = r  # compare against TorchServe at its best
+        ts_runs = torchserve_runs(model_dir, name, defense, images, work, workers=ts_workers,
+                                  max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
+                                  on_result=lambda r: print(fmt_row(r)), **lopts)
+        runs += ts_runs
+        ts_result = max(ts_runs, key=lambda r: r.throughput, default=None)  # TorchServe at its best
 
     print("in-process (no serving) ...")
     batches = sorted({args.max_batch_size, 32, 64})
@@ -565,90 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / f"{stem}.md").write_text(md)
     print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
     return 0
-
-
-def mean_batch_inputs(text: str, model: str) -> tuple[float, float] | None:
-    s = c = None
-    for line in text.splitlines():
-        if f'model="{model}"' not in line:
-            continue
-        if line.startswith("bdserve_batch_size_sum"):
-            s = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bdserve_batch_size_count"):
-            c = float(line.rsplit(" ", 1)[1])
-    return None if s is None or c is None else (s, c)
-
-
-def batch_delta(before, after) -> float | None:
-    if after is None:
-        return None
-    s0, c0 = before or (0.0, 0.0)
-    s1, c1 = after
-    return (s1 - s0) / (c1 - c0) if c1 > c0 else None
-
-
-def fmt_row(r: LoadResult) -> str:
-    extra = f", errors e.g. {r.error_samples[0]}" if r.error_samples else ""
-    return (f"  {r.name:32s} {r.throughput:8.0f} req/s  p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms  "
-            f"ok {r.ok} errors {r.errors}{extra}")
-
-
-def render_markdown(result: dict, runs: list[LoadResult], inproc: dict) -> str:
-    s, m, ld = result["summary"], result["machine"], result["load"]
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines = [
-        "# Serving benchmark",
-        "",
-        f"{result['date']} · `{result['command'].strip()}`",
-        "",
-        f"Machine: {m.get('cpu_model', '?')}, {m['cpus']} CPUs (shared), CUDA: {m['cuda']}; torch {m['torch']}, "
-        f"onnxruntime {m['onnxruntime']}, TorchServe {m['torchserve']}.",
-        f"Model: {result['model']['name']}, architecture {result['model']['architecture']} ({result['model']['dir']}), "
-        f"input {result['model']['input_shape']}, "
-        f"{result['model']['classes']} classes, defense `{result['model']['defense']}`.",
-        f"Load: {ld['clients']} closed-loop clients, {ld['payload']}, at most {ld['requests_per_run']} requests or "
-        f"{ld['duration_cap_s']:.0f} s per run, loopback; bdserve max batch {ld['max_batch_size']}, queue delay "
-        f"{ld['max_queue_delay_ms']} ms; TorchServe batchSize {ld['max_batch_size']}, maxBatchDelay "
-        f"{int(ld['max_queue_delay_ms'])} ms, workers {ld['torchserve_workers']} (the best is compared). "
-        f"OMP_NUM_THREADS: {ld['omp_num_threads'] or 'unset (torch uses every core)'}.",
-        "",
-        "## Served, side by side",
-        "",
-        fmt_table(runs),
-        "## In-process (no serving), images/s",
-        "",
-        "| batch | ORT session.run | pipeline predict, defended | pipeline predict, no defense | defense cost | decode + predict, defended |",
-        "|---|---|---|---|---|---|",
-    ]
-    for b, row in inproc.items():
-        lines.append(f"| {b} | {row['ort_session_run']:.0f} | {row['pipeline_predict_defended']:.0f} | "
-                     f"{row['pipeline_predict_undefended']:.0f} | {pct(row['defense_cost'])} | "
-                     f"{row['pipeline_decode_predict_defended']:.0f} |")
-    ratio = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
-    lines += [
-        "",
-        "## Against the targets",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-        f"| bdserve ≥ 3× TorchServe throughput ({s['torchserve_compared']}) | HTTP {ratio(s['bdserve_http_vs_torchserve'])}, gRPC "
-        f"{ratio(s['bdserve_grpc_vs_torchserve'])} | {_yn(result['met']['bdserve >= 3x TorchServe'])} |",
-        f"| defense costs ≤ 2% of throughput at batch ≥ 32 (pipeline) | "
-        + ", ".join(f"batch {b}: {pct(c)}" for b, c in s["pipeline_defense_cost"].items())
-        + f" | {_yn(result['met']['defense <= 2% at batch >= 32 (pipeline)'])} |",
-        f"| defense costs ≤ 2% of throughput (served, HTTP) | {pct(s['served_defense_cost'])} | "
-        f"{_yn(result['met']['defense <= 2% (served)'])} |",
-        f"| serving overhead ≤ 15% vs in-process ONNX Runtime (batch {ld['max_batch_size']}) | "
-        f"{pct(s['serving_overhead_vs_ort'])} | {_yn(result['met']['serving overhead <= 15% vs in-process ORT'])} |",
-        f"| serving overhead ≤ 15% vs in-process pipeline incl. decode (batch {ld['max_batch_size']}) | "
-        f"{pct(s['serving_overhead_vs_pipeline'])} | {_yn(result['met']['serving overhead <= 15% vs in-process pipeline'])} |",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _yn(v) -> str:
-    return "n/a" if v is None else ("yes" if v else "**no**")
 
 
 if __name__ == "__main__":

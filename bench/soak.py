@@ -30,16 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_bench import (  # noqa: E402
-    RESULTS,
-    BdserveProcess,
-    HttpConn,
-    bytes_element,  # noqa: F401 - re-exported for readers of this file
-    machine,
-    mean_batch_inputs,
-    pick_model_dir,
-)
+from bench_report import machine  # the script's own directory is on sys.path
+from loadgen import HttpConn, mean_batch_inputs
+from peers import bdserve_process, pick_model_dir
+from serving_bench import RESULTS
 
 MAX_RSS_GROWTH = 0.10
 
@@ -74,7 +68,7 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-async def soak(srv: BdserveProcess, model: str, input_shape: list[int], clients: int, duration: float,
+async def soak(srv, model: str, input_shape: list[int], clients: int, duration: float,
                sample_every: float, warmup_s: float) -> dict:
     import grpc
 
@@ -217,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     card = ModelCard.load(model_dir)
     print(f"soak: {args.clients} clients for {args.duration:.0f} s against bdserve serve ({card.name}, "
           f"defense {args.defense or card.defense}); photos + HTTP tensors + gRPC tensors")
-    with BdserveProcess(model_dir, defense=args.defense, max_batch_size=32, max_queue_delay_ms=5.0,
-                        log_path=work / "bdserve.log") as srv:
+    with bdserve_process(model_dir, defense=args.defense, max_batch_size=32, max_queue_delay_ms=5.0,
+                         log_path=work / "bdserve.log") as srv:
         res = asyncio.run(soak(srv, card.name, card.input_shape, args.clients, args.duration,
                                args.sample_every, args.warmup))
         alive = srv.proc.poll() is None

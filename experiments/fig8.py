@@ -19,7 +19,7 @@ from pathlib import Path
 from bdserve.card import ModelCard
 from bdserve.serve.evaluation import plots
 from bdserve.serve.evaluation.evaluate import EvalConfig, run
-from bdserve.serve.evaluation.live import served
+from bdserve.testing import served
 from bdserve.serve.evaluation.report import pct
 from bdserve.settings import REPO_ROOT, data_dir
 

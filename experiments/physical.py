@@ -34,7 +34,7 @@ from bdserve.card import ModelCard
 from bdserve.serve.evaluation import photos as ph
 from bdserve.serve.evaluation.clients import open_client
 from bdserve.serve.evaluation.heldout import HeldOut, load_test, stamp_uint8
-from bdserve.serve.evaluation.live import served
+from bdserve.testing import served
 from bdserve.serve.evaluation.physical import Camera, simulate
 from bdserve.serve.evaluation.report import pct
 from bdserve.serve.evaluation.retry import RetryPolicy, with_retries

@@ -1,6 +1,7 @@
 """Dynamic batching: one asyncio batcher per model, shared by every door.
 
-Requests enqueue (tensor, defense, future). A worker task takes the first waiting
+Requests enqueue (tensor, defense, future); the defense is the Transform the door resolved
+(a spec string also works, for callers in-process). A worker task takes the first waiting
 request, then keeps collecting until the batch holds ``max_batch_size`` images or
 ``max_queue_delay_ms`` has passed since that first request, concatenates, runs
 ``predict`` in a worker thread (so the event loop keeps accepting and decoding),
@@ -8,7 +9,8 @@ and hands every request its slice of the result.
 
 Batching does not change what a request gets: every random defense draws its
 parameters per sample, so an image's draw does not depend on its batch-mates.
-Requests asking for different defenses (lab mode) are run as separate groups.
+Requests asking for different defenses (lab mode) are run as separate groups, keyed by the
+resolved defense object (the model caches one per spec).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Item:
     x: torch.Tensor
-    defense: str | None
+    defense: object  # a Transform from DefendedModel.resolve_defense, a spec, or None
     future: asyncio.Future
     enqueued: float  # loop time
 
@@ -59,7 +61,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")
 
-    async def submit(self, x: torch.Tensor, defense: str | None = None):
+    async def submit(self, x: torch.Tensor, defense=None):
         """Queue a (B, 3, H, W) batch; returns its Prediction once its batch has run."""
         if self._closing:
             raise Overloaded("the server is shutting down")
@@ -113,7 +115,7 @@ class Batcher:
                     continue
                 batch.append(item)
                 n += item.n
-            groups: dict[str | None, list[_Item]] = {}
+            groups: dict[object, list[_Item]] = {}
             for item in batch:
                 groups.setdefault(item.defense, []).append(item)
             for defense, items in groups.items():

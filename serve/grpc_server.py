@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 
 import grpc
-import numpy as np
 
 from bdserve.serve import oip
 from bdserve.serve.errors import InvalidInput, ServeError
@@ -26,39 +25,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "grpc"
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024  # camera photos are far above gRPC's 4 MB default
-
-
-def _param_value(p: pb.InferParameter):
-    which = p.WhichOneof("parameter_choice")
-    return None if which is None else getattr(p, which)
-
-
-def _typed_contents(datatype: str, shape: list[int], contents: pb.InferTensorContents):
-    if datatype == "BYTES":
-        return _check_count(list(contents.bytes_contents), shape)
-    field = {"FP32": "fp32_contents", "FP64": "fp64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-             "UINT32": "uint_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-             "INT64": "int64_contents", "UINT64": "uint64_contents", "BOOL": "bool_contents"}.get(datatype)
-    if field is None:
-        raise InvalidInput(f"datatype {datatype} cannot be sent as typed contents; use raw_input_contents")
-    values = getattr(contents, field)
-    n = int(np.prod(shape))
-    if len(values) != n:
-        raise InvalidInput(f"shape {shape} needs {n} elements, contents.{field} holds {len(values)}")
-    dtype = oip.NUMPY_DTYPES[datatype]
-    arr = np.asarray(values, dtype=np.float64 if datatype.startswith("FP") else np.int64)
-    if np.issubdtype(dtype, np.integer) and arr.size:
-        info = np.iinfo(dtype)
-        if arr.min() < info.min or arr.max() > info.max:
-            raise InvalidInput(f"values out of range for {datatype} ({info.min}..{info.max})")
-    return arr.astype(dtype).reshape(shape)
-
-
-def _check_count(values: list[bytes], shape: list[int]) -> list[bytes]:
-    n = int(np.prod(shape))
-    if len(values) != n:
-        raise InvalidInput(f"shape {shape} needs {n} elements, contents.bytes_contents holds {len(values)}")
-    return values
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -108,35 +74,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged on the server)")
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        model = self.service.get(request.model_name, request.model_version)
-        if len(request.inputs) != 1:
-            raise InvalidInput(f"the request must have exactly one input tensor, got {len(request.inputs)}")
-        raw = request.raw_input_contents
-        if raw and len(raw) != len(request.inputs):
-            raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
-        t = request.inputs[0]
-        datatype = oip.check_datatype(t.datatype)
-        shape = oip.check_shape(list(t.shape))
-        value = oip.from_raw(datatype, shape, raw[0]) if raw else _typed_contents(datatype, shape, t.contents)
-        params = {k: _param_value(v) for k, v in request.parameters.items()}
-        x = await self.service.to_tensor(model, t.name, datatype, shape, value)
-        pred = await self.service.infer(model, x, params.get("defense"))
+        self.service.get(request.model_name, request.model_version)  # NOT_FOUND before decoding
+        return _write_response(await self.service.infer(_read_request(request)))
 
-        produced = oip.prediction_outputs(pred, model.detect)
-        if request.outputs:
-            by_name = {o[0]: o for o in produced}
-            missing = [o.name for o in request.outputs if o.name not in by_name]
-            if missing:
-                raise InvalidInput(f"unknown output {missing[0]!r}; this model produces {', '.join(by_name)}")
-            produced = [by_name[o.name] for o in request.outputs]
-        resp = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-        resp.parameters["defense"].string_param = pred.defense
-        if pred.suspected is not None:
-            resp.parameters["suspected_trigger"].bool_param = bool(pred.suspected.any())
-        for name, dt, shape, value in produced:
-            resp.outputs.add(name=name, datatype=dt, shape=shape)
-            resp.raw_output_contents.append(oip.raw_of(dt, value))
-        return resp
+
+def _read_request(request: pb.ModelInferRequest) -> oip.InferRequest:
+    """ModelInferRequest -> InferRequest (raw_input_contents, or typed contents)."""
+    if len(request.inputs) != 1:
+        raise InvalidInput(f"the request must have exactly one input tensor, got {len(request.inputs)}")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    t = request.inputs[0]
+    datatype = oip.check_datatype(t.datatype)
+    shape = oip.check_shape(list(t.shape))
+    value = (oip.from_raw(datatype, shape, raw[0]) if raw
+             else oip.from_typed(datatype, shape, lambda name: getattr(t.contents, name)))
+    return oip.InferRequest(
+        model=request.model_name, version=request.model_version, input=oip.Tensor(t.name, datatype, shape, value),
+        parameters={k: oip.read_parameter(v) for k, v in request.parameters.items()},
+        outputs=[oip.RequestedOutput(o.name) for o in request.outputs] or None, id=request.id)
+
+
+def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:
+    """InferResponse -> ModelInferResponse; outputs always as raw_output_contents."""
+    out = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id or "")
+    for k, v in resp.parameters.items():
+        kind, value = oip.parameter_value(v)
+        setattr(out.parameters[k], kind, value)
+    for t in resp.outputs:
+        out.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        out.raw_output_contents.append(oip.raw_of(t.datatype, t.value))
+    return out
 
 
 def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE,

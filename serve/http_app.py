@@ -29,7 +29,6 @@ from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, Infer
 
 log = logging.getLogger(__name__)
 
-HEADER_LEN = "inference-header-content-length"
 PROTOCOL = "http"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
@@ -146,16 +145,20 @@ async def _observed(service: InferenceService, name: str, work) -> Response:
 
 
 async def _infer(service: InferenceService, name: str, version: str | None, request: Request) -> Response:
-    model = service.get(name, version)
-    body = await request.body()
-    header_len = request.headers.get(HEADER_LEN)
+    service.get(name, version)  # 404 before reading the body
+    req = _read_infer_request(name, version, await request.body(), request.headers.get(oip.HEADER_LEN))
+    return _write_infer_response(await service.infer(req))
+
+
+def _read_infer_request(name: str, version: str | None, body: bytes, header_len: str | None) -> oip.InferRequest:
+    """JSON (+ binary tensor extension) -> InferRequest."""
     if header_len is not None:
         try:
             n = int(header_len)
         except ValueError:
-            raise InvalidInput(f"malformed binary header: {HEADER_LEN} must be an integer, got {header_len!r}") from None
+            raise InvalidInput(f"malformed binary header: {oip.HEADER_LEN} must be an integer, got {header_len!r}") from None
         if not 0 < n <= len(body):
-            raise InvalidInput(f"malformed binary header: {HEADER_LEN} is {n}, the body has {len(body)} bytes")
+            raise InvalidInput(f"malformed binary header: {oip.HEADER_LEN} is {n}, the body has {len(body)} bytes")
         header, binary = body[:n], memoryview(body)[n:]
     else:
         header, binary = body, memoryview(b"")
@@ -190,9 +193,19 @@ async def _infer(service: InferenceService, name: str, version: str | None, requ
     if len(binary):
         raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
 
-    x = await service.to_tensor(model, iname, datatype, shape, value)
-    pred = await service.infer(model, x, params.get("defense"))
-    return _infer_response(model, req, params, pred)
+    wanted = req.get("outputs")
+    outputs = None
+    if wanted is not None:
+        if not isinstance(wanted, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = []
+        for w in wanted:
+            oname = w.get("name") if isinstance(w, dict) else None
+            binary_out = _params(w, f"output {oname!r}").get("binary_data") if isinstance(w, dict) else None
+            outputs.append(oip.RequestedOutput(oname, None if binary_out is None else bool(binary_out)))
+    return oip.InferRequest(model=name, version=version, input=oip.Tensor(iname, datatype, shape, value),
+                            parameters=params, outputs=outputs, id=req["id"] if isinstance(req.get("id"), str) else None,
+                            binary_output=bool(params.get("binary_data_output", False)))
 
 
 def _params(obj: dict, where: str) -> dict:
@@ -204,40 +217,22 @@ def _params(obj: dict, where: str) -> dict:
     return params
 
 
-def _infer_response(model, req: dict, params: dict, pred) -> Response:
-    produced = oip.prediction_outputs(pred, model.detect)
-    default_binary = bool(params.get("binary_data_output", False))
-    wanted = req.get("outputs")
-    if wanted is None:
-        selected = [(o, default_binary) for o in produced]
-    else:
-        if not isinstance(wanted, list):
-            raise InvalidInput("'outputs' must be a list")
-        by_name = {o[0]: o for o in produced}
-        selected = []
-        for w in wanted:
-            oname = w.get("name") if isinstance(w, dict) else None
-            if oname not in by_name:
-                raise InvalidInput(f"unknown output {oname!r}; this model produces {', '.join(by_name)}")
-            binary = _params(w, f"output {oname!r}").get("binary_data", default_binary)
-            selected.append((by_name[oname], bool(binary)))
-
-    resp_params = {"defense": pred.defense}
-    if pred.suspected is not None:
-        resp_params["suspected_trigger"] = bool(pred.suspected.any())
+def _write_infer_response(resp: oip.InferResponse) -> Response:
+    """InferResponse -> JSON, or JSON + binary outputs with the extension's header."""
     out_json, blobs = [], []
-    for (oname, dt, shape, value), binary in selected:
-        o = {"name": oname, "datatype": dt, "shape": shape}
-        if binary:
-            raw = oip.raw_of(dt, value)
+    for t in resp.outputs:
+        o = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        if t.binary:
+            raw = oip.raw_of(t.datatype, t.value)
             o["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            o["data"] = oip.json_of(dt, value)
+            o["data"] = oip.json_of(t.datatype, t.value)
         out_json.append(o)
-    doc = {"model_name": model.name, "model_version": model.version, "parameters": resp_params, "outputs": out_json}
-    if isinstance(req.get("id"), str):
-        doc["id"] = req["id"]
+    doc = {"model_name": resp.model_name, "model_version": resp.model_version, "parameters": resp.parameters,
+           "outputs": out_json}
+    if resp.id is not None:
+        doc["id"] = resp.id
     head = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
         return Response(head, media_type="application/json")
@@ -262,11 +257,10 @@ async def _predictions(service: InferenceService, name: str, request: Request) -
         blob = await field.read() if hasattr(field, "read") else str(field).encode()
     else:
         blob = await request.body()
-    x = await service.to_tensor(model, "image", "BYTES", [1], [blob])
     # ?defense=SPEC: like OIP's parameters.defense, honoured only by a --lab server (else 403).
-    pred = await service.infer(model, x, defense=request.query_params.get("defense"))
-    headers = {"X-Bdserve-Defense": pred.defense}
-    if pred.suspected is not None:
-        headers["X-Bdserve-Suspected-Trigger"] = "true" if bool(pred.suspected[0]) else "false"
-    return JSONResponse(model.postprocess(pred)[0], headers=headers)
-
+    defense = request.query_params.get(oip.DEFENSE)
+    resp = await service.infer(oip.InferRequest(
+        model=name, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
+        parameters={} if defense is None else {oip.DEFENSE: defense}))
+    pred = resp.prediction
+    return JSONResponse(model.postprocess(pred)[0], headers=oip.prediction_headers(pred, 0))

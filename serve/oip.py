@@ -1,4 +1,17 @@
-"""Open Inference Protocol (KServe v2) tensor codec, shared by the HTTP and gRPC doors.
+"""Open Inference Protocol (KServe v2): the protocol-neutral request and response every door
+translates to and from its wire format, and the tensor codec they share.
+
+    wire --door--> InferRequest --InferenceService.infer--> InferResponse --door--> wire
+
+The doors (http_app.py, grpc_server.py, torchserve_handler.py) only translate; the protocol's
+names, the decoding of tensor contents, which outputs an answer holds and which parameters
+and headers it carries all live here, and the evaluation client reads answers with the same
+code. No torch here: the client imports this module.
+
+How to add a field to every answer: a value per request (like ``defense``) is one
+``ResponseParameter`` in ``RESPONSE_PARAMETERS``; a value per image (like
+``suspected_trigger``) is one ``PerImageOutput`` in ``PER_IMAGE_OUTPUTS``. Each names the
+Prediction attribute it reads; the doors, the metadata and the client pick it up from there.
 
 Wire formats handled here:
 - raw bytes (HTTP binary tensor extension, gRPC ``raw_input_contents``): flattened
@@ -17,7 +30,18 @@ import struct
 
 import numpy as np
 
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
 from bdserve.serve.errors import InvalidInput
+
+# ---------------------------------------------------------------- protocol names (the one place)
+TENSOR_INPUT = "input"  # UINT8 (0..255) or FP32 ([0, 1]) [B, C, H, W]
+IMAGE_INPUT = "image"  # BYTES [B]: encoded JPEG/PNG/WebP
+OUTPUT_PROBS = "probabilities"
+OUTPUT_LABEL = "label"
+DEFENSE = "defense"  # request parameter (lab servers only) and response parameter
+HEADER_LEN = "inference-header-content-length"  # HTTP binary tensor extension
 
 NUMPY_DTYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -153,13 +177,275 @@ def json_of(datatype: str, value) -> list:
     return np.asarray(value).reshape(-1).tolist()
 
 
-def prediction_outputs(pred, detect: bool) -> list[tuple[str, str, list[int], object]]:
-    """(name, datatype, shape, value) for every output a prediction has."""
+# ---------------------------------------------------------------- typed contents (gRPC)
+# datatype -> the InferTensorContents field that carries it
+TYPED_CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "UINT8": "uint_contents",
+                  "UINT16": "uint_contents", "UINT32": "uint_contents", "INT8": "int_contents",
+                  "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+                  "UINT64": "uint64_contents", "BOOL": "bool_contents", "BYTES": "bytes_contents"}
+
+
+def from_typed(datatype: str, shape: list[int], contents_field: Callable[[str], Sequence]) -> np.ndarray | list[bytes]:
+    """Typed contents -> numpy array of ``shape`` (or list of bytes); ``contents_field(name)`` reads one field."""
+    field_name = TYPED_CONTENTS.get(datatype)
+    if field_name is None:
+        raise InvalidInput(f"datatype {datatype} cannot be sent as typed contents; use raw_input_contents")
+    values = contents_field(field_name)
+    n = _count(shape)
+    if len(values) != n:
+        raise InvalidInput(f"shape {shape} needs {n} elements, contents.{field_name} holds {len(values)}")
+    if datatype == "BYTES":
+        return list(values)
+    dtype = NUMPY_DTYPES[datatype]
+    arr = np.asarray(values, dtype=np.float64 if datatype.startswith("FP") else np.int64)
+    if np.issubdtype(dtype, np.integer) and arr.size:
+        info = np.iinfo(dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise InvalidInput(f"values out of range for {datatype} ({info.min}..{info.max})")
+    return arr.astype(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------- request and response
+
+
+@dataclass
+class Tensor:
+    """One named tensor; ``binary`` is the HTTP door's choice of encoding (gRPC answers raw)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    value: Any  # numpy array, or a list of bytes for BYTES
+    binary: bool = False
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool | None = None  # HTTP: parameters.binary_data; None: the request's default
+
+
+@dataclass
+class InferRequest:
+    """What every door makes of a request (KServe's InferRequest, for one input tensor)."""
+
+    model: str
+    input: Tensor
+    version: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[RequestedOutput] | None = None  # None: every output the model produces
+    id: str | None = None
+    binary_output: bool = False  # HTTP: parameters.binary_data_output
+
+    @property
+    def defense(self) -> str | None:
+        spec = self.parameters.get(DEFENSE)
+        if spec is not None and not isinstance(spec, str):
+            raise InvalidInput(f"parameter {DEFENSE!r} must be a string, e.g. \"flip\"")
+        return spec
+
+
+@dataclass
+class InferResponse:
+    """What every door renders (KServe's InferResponse); ``prediction`` stays for doors with their
+    own body format (TorchServe-style /predictions)."""
+
+    model_name: str
+    model_version: str
+    outputs: list[Tensor]
+    parameters: dict[str, Any]
+    id: str | None = None
+    prediction: Any = None
+
+
+@dataclass(frozen=True)
+class ResponseParameter:
+    """A value per request: OIP ``parameters[name]``, and header ``header`` on /predictions answers."""
+
+    name: str
+    header: str
+    attribute: str  # of the Prediction; None there means "not in this answer"
+
+
+@dataclass(frozen=True)
+class PerImageOutput:
+    """A value per image: the OIP output ``name``, a response parameter summarising the request
+    (``summary``, or none), and header ``header`` on the single-image /predictions answers."""
+
+    name: str
+    datatype: str  # BOOL, FP32, INT64 or BYTES
+    header: str
+    attribute: str  # of the Prediction: an array (B,), or None when the model does not produce it
+    produced_by: Callable[[Any], bool]  # model -> whether its metadata lists this output
+    summary: Callable[[np.ndarray], Any] | None = None
+
+
+RESPONSE_PARAMETERS: tuple[ResponseParameter, ...] = (
+    ResponseParameter(DEFENSE, "X-Bdserve-Defense", "defense"),
+)
+PER_IMAGE_OUTPUTS: tuple[PerImageOutput, ...] = (
+    PerImageOutput("suspected_trigger", "BOOL", "X-Bdserve-Suspected-Trigger", "suspected",
+                   produced_by=lambda model: model.detect, summary=lambda v: bool(np.any(v))),
+)
+_PER_IMAGE = {o.name: o for o in PER_IMAGE_OUTPUTS}
+
+
+def model_outputs(model) -> list[dict]:
+    """The outputs a model's metadata advertises."""
+    outs = [{"name": OUTPUT_PROBS, "datatype": "FP32", "shape": [-1, len(model.classes)]},
+            {"name": OUTPUT_LABEL, "datatype": "BYTES", "shape": [-1]}]
+    return outs + [{"name": o.name, "datatype": o.datatype, "shape": [-1]} for o in PER_IMAGE_OUTPUTS
+                   if o.produced_by(model)]
+
+
+def model_inputs(model) -> list[dict]:
+    c, (h, w) = model.channels, model.input_size
+    # Send exactly one of these per request; "input" also accepts UINT8 (0..255).
+    return [{"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, c, h, w]},
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
+
+
+def prediction_outputs(pred) -> dict[str, Tensor]:
+    """Every output a prediction has, by name."""
     b, c = pred.probs.shape
-    outs = [
-        ("probabilities", "FP32", [b, c], pred.probs),
-        ("label", "BYTES", [b], [s.encode() for s in pred.labels]),
-    ]
-    if detect and pred.suspected is not None:
-        outs.append(("suspected_trigger", "BOOL", [b], pred.suspected.astype(np.bool_)))
-    return outs
+    outs = [Tensor(OUTPUT_PROBS, "FP32", [b, c], pred.probs),
+            Tensor(OUTPUT_LABEL, "BYTES", [b], [s.encode() for s in pred.labels])]
+    for o in PER_IMAGE_OUTPUTS:
+        v = getattr(pred, o.attribute)
+        if v is not None:
+            outs.append(Tensor(o.name, o.datatype, [b], np.asarray(v).astype(NUMPY_DTYPES.get(o.datatype, object))))
+    return {t.name: t for t in outs}
+
+
+def response_parameters(pred) -> dict[str, Any]:
+    params = {}
+    for p in RESPONSE_PARAMETERS:
+        v = getattr(pred, p.attribute)
+        if v is not None:
+            params[p.name] = v
+    for o in PER_IMAGE_OUTPUTS:
+        v = getattr(pred, o.attribute)
+        if v is not None and o.summary is not None:
+            params[o.name] = o.summary(v)
+    return params
+
+
+def check_outputs(request: InferRequest, model) -> None:
+    """Unknown requested outputs are refused before any work is done."""
+    if request.outputs is None:
+        return
+    known = [o["name"] for o in model_outputs(model)]
+    for o in request.outputs:
+        if o.name not in known:
+            raise InvalidInput(f"unknown output {o.name!r}; this model produces {', '.join(known)}")
+
+
+def infer_response(request: InferRequest, model, pred) -> InferResponse:
+    """The answer to ``request``: the outputs it asked for (all by default), in its order."""
+    produced = prediction_outputs(pred)
+    if request.outputs is None:
+        outputs = [_with_binary(t, request.binary_output) for t in produced.values()]
+    else:
+        outputs = []
+        for o in request.outputs:
+            if o.name not in produced:
+                raise InvalidInput(f"unknown output {o.name!r}; this model produces {', '.join(produced)}")
+            outputs.append(_with_binary(produced[o.name], request.binary_output if o.binary is None else o.binary))
+    return InferResponse(model.name, model.version, outputs, response_parameters(pred), request.id, pred)
+
+
+def _with_binary(t: Tensor, binary: bool) -> Tensor:
+    return Tensor(t.name, t.datatype, t.shape, t.value, bool(binary))
+
+
+# ---------------------------------------------------------------- headers (/predictions, TorchServe)
+
+
+def _header_text(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    return str(v.item() if isinstance(v, np.generic) else v)
+
+
+def prediction_headers(pred, index: int) -> dict[str, str]:
+    """The headers of the single-image answer for image ``index`` of a prediction."""
+    out = {}
+    for p in RESPONSE_PARAMETERS:
+        v = getattr(pred, p.attribute)
+        if v is not None:
+            out[p.header] = _header_text(v)
+    for o in PER_IMAGE_OUTPUTS:
+        v = getattr(pred, o.attribute)
+        if v is not None:
+            out[o.header] = _header_text(v[index])
+    return out
+
+
+def read_headers(headers) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The client's side of ``prediction_headers``: (parameters, per-image outputs of one image)."""
+    params, per_image = {}, {}
+    for p in RESPONSE_PARAMETERS:
+        if headers.get(p.header) is not None:
+            params[p.name] = headers.get(p.header)
+    for o in PER_IMAGE_OUTPUTS:
+        text = headers.get(o.header)
+        if text is not None:
+            v = (text == "true") if o.datatype == "BOOL" else text.encode() if o.datatype == "BYTES" else float(text)
+            per_image[o.name] = np.asarray([v], dtype=NUMPY_DTYPES.get(o.datatype, object))
+    return params, per_image
+
+
+def per_image_output_names(advertised: list[str]) -> list[str]:
+    """Of the outputs a model's metadata lists, those that are per-image fields (for a client to ask for)."""
+    return [n for n in advertised if n in _PER_IMAGE]
+
+
+# ---------------------------------------------------------------- parameters as typed values
+
+
+def read_parameter(p):
+    """A gRPC InferParameter -> its Python value (None when unset)."""
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def parameter_value(v) -> tuple[str, Any]:
+    """A Python parameter value -> (gRPC InferParameter field, value)."""
+    if isinstance(v, (bool, np.bool_)):
+        return "bool_param", bool(v)
+    if isinstance(v, (int, np.integer)):
+        return "int64_param", int(v)
+    if isinstance(v, (float, np.floating)):
+        return "double_param", float(v)
+    return "string_param", str(v)
+
+
+# ---------------------------------------------------------------- reading answers (the client)
+
+
+def read_output(datatype: str, shape: list[int], raw=None, data=None):
+    """An answer's output tensor: raw bytes (binary / gRPC) or JSON ``data``."""
+    if raw is not None:
+        return from_raw(datatype, shape, raw)
+    if datatype == "BYTES":
+        return [s.encode() if isinstance(s, str) else s for s in data]
+    return from_json(datatype, shape, data)
+
+
+def read_http_response(body: bytes, header_len: str | None) -> InferResponse:
+    """An OIP HTTP answer (JSON, or JSON + binary outputs) -> InferResponse."""
+    import json
+
+    n = int(header_len) if header_len is not None else len(body)
+    head = json.loads(body[:n])
+    rest = memoryview(body)[n:]
+    outputs = []
+    for o in head["outputs"]:
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            value, rest = read_output(o["datatype"], o["shape"], raw=rest[:size]), rest[size:]
+        else:
+            value = read_output(o["datatype"], o["shape"], data=o["data"])
+        outputs.append(Tensor(o["name"], o["datatype"], list(o["shape"]), value, size is not None))
+    return InferResponse(head.get("model_name", ""), head.get("model_version", ""), outputs,
+                         head.get("parameters") or {}, head.get("id"))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from bdserve.serve.images import DEFAULT_MAX_PIXELS, decode_images
 from bdserve.serve.runtimes import Runtime, open_runtime
 from bdserve.settings import pick_device
 from bdserve.transforms import create_defense
+from bdserve.transforms.base import Transform
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +55,25 @@ class Prediction:
         return len(self.labels)
 
     def slice(self, start: int, stop: int) -> "Prediction":
-        return Prediction(
-            self.probs[start:stop], self.label_ids[start:stop], self.labels[start:stop], self.defense,
-            None if self.suspected is None else self.suspected[start:stop], self.timings,
-        )
+        """Images start..stop: every per-image field is cut, per-request fields are shared."""
+        n = len(self)
+        cut = {f.name: v[start:stop] if isinstance(v, (np.ndarray, list)) and len(v) == n else v
+               for f in fields(self) for v in [getattr(self, f.name)]}
+        return Prediction(**cut)
 
 
 class DefendedModel:
     """A classifier wrapped with its test-time defense. Build it with ``DefendedModel.load``."""
 
-    def __init__(self, card: ModelCard, runtime: Runtime, *, defense: str, device: torch.device,
-                 lab: bool = False, detect: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, card: ModelCard, runtime: Runtime, *, defense: str | None = None,
+                 device: torch.device | None = None, lab: bool = False, detect: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        """``defense`` None: the card's; ``device`` None: where the runtime runs. In-process
+        evaluation is ``DefendedModel(card, TorchRuntime(module), lab=True).predict(...)``."""
         self.card = card
         self.runtime = runtime
+        device = runtime.device if device is None else device
+        defense = card.defense if defense is None else defense
         self.device = device
         self.lab = lab
         self.detect = detect
@@ -105,33 +112,13 @@ class DefendedModel:
         model_dir = Path(model_dir)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         runtime = open_runtime(model_dir, backend, dev, threads)
-        has_card = (model_dir / CARD_FILE).exists()
-        card = ModelCard.load(model_dir) if has_card else ModelCard(name=model_dir.name, architecture="foreign")
-
-        graph = getattr(runtime, "input_shape", None)
-        if input_size is not None:
-            card.input_shape = [card.input_shape[0], int(input_size[0]), int(input_size[1])]
-        elif graph and all(graph):
-            if has_card and list(graph) != list(card.input_shape):
-                raise ValueError(f"{model_dir}: card.json says input {card.input_shape}, the graph {list(graph)}")
-            card.input_shape = list(graph)
-        elif not has_card:
-            raise ValueError(f"{model_dir}: the graph's input size is dynamic ({graph}); give input_size or a card")
-        if mean is not None or std is not None:
-            card.mean = list(mean if mean is not None else [0.0] * 3)
-            card.std = list(std if std is not None else [1.0] * 3)
-            card.normalization_in_graph = False
-        if class_names:
-            card.classes = list(class_names)
-
-        model = cls(card, runtime, defense=defense if defense is not None else card.defense,
-                    device=dev, lab=lab, detect=detect, max_pixels=max_pixels)
-        # One dummy batch: learns the class count when nothing else says it, and warms the runtime up.
-        n_out = model._forward(torch.zeros((1, *card.input_shape), device=dev)).shape[-1]
-        if not card.classes:
-            card.classes = [f"class_{i}" for i in range(n_out)]
-        elif len(card.classes) != n_out:
-            raise ValueError(f"{model_dir}: {len(card.classes)} class names but the model outputs {n_out} scores")
+        given = ModelCard.load(model_dir) if (model_dir / CARD_FILE).exists() else None
+        try:
+            card = ModelCard.from_runtime(runtime, given, name=model_dir.name, input_size=input_size,
+                                          classes=class_names, mean=mean, std=std)
+        except ValueError as e:
+            raise ValueError(f"{model_dir}: {e}") from None
+        model = cls(card, runtime, defense=defense, device=dev, lab=lab, detect=detect, max_pixels=max_pixels)
         log.info("loaded %s v%s: %s, defense %s", card.name, card.version, runtime.describe(), model.defense_spec)
         return model
 
@@ -194,8 +181,6 @@ class DefendedModel:
             arr = arr.copy()
         return torch.from_numpy(np.ascontiguousarray(arr))
 
-    preprocess = from_array
-
     # ---------------------------------------------------------------- defenses
     def _build_defense(self, spec: str) -> torch.nn.Module:
         try:
@@ -213,8 +198,10 @@ class DefendedModel:
             return self._defenses.get(d.spec, d)
         return self._defenses.setdefault(d.spec, d)
 
-    def resolve_defense(self, spec: str | None) -> torch.nn.Module:
+    def resolve_defense(self, spec: str | None) -> Transform:
         """The defense a request gets: the server's, or (lab mode only) the one it asks for."""
+        if spec is not None and not isinstance(spec, str):
+            raise InvalidInput("parameter 'defense' must be a string, e.g. \"flip\"")
         if spec is None or spec == self.defense_spec:
             return self._defense
         d = self._defenses.get(spec)
@@ -245,11 +232,14 @@ class DefendedModel:
         if x.dtype != torch.uint8 and not x.is_floating_point():
             raise InvalidInput(f"datatype {x.dtype} not accepted: send uint8 or float in [0, 1]")
 
-    def predict(self, x: torch.Tensor, *, defense: str | None = None,
+    def predict(self, x: torch.Tensor, *, defense: str | Transform | None = None,
                 generator: torch.Generator | None = None) -> Prediction:
-        """Defend and classify a batch: uint8 (0..255) or float ([0, 1]) (B, 3, H, W) on any device."""
+        """Defend and classify a batch: uint8 (0..255) or float ([0, 1]) (B, 3, H, W) on any device.
+
+        ``defense``: None (the server's), a spec (resolved here, lab rules apply), or a Transform
+        that ``resolve_defense`` already returned (what the server's batcher passes)."""
         self._check(x)
-        d = self.resolve_defense(defense)
+        d = defense if isinstance(defense, Transform) else self.resolve_defense(defense)
         x = x.to(self.device, non_blocking=True)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         with torch.inference_mode():
@@ -279,9 +269,6 @@ class DefendedModel:
             top = np.argsort(-row, kind="stable")[:k]
             out.append({self.classes[i]: float(row[i]) for i in top})
         return out
-
-    def __call__(self, blobs: list[bytes], **kw) -> Prediction:
-        return self.predict(self.decode(blobs), **kw)
 
 
 def _to_probs(logits: torch.Tensor) -> torch.Tensor:

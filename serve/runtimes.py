@@ -1,8 +1,11 @@
-"""Runtimes that turn a float NCHW batch into logits: ONNX Runtime and TorchScript.
+"""Runtimes that turn a float NCHW batch into logits: ONNX Runtime, TorchScript and eager torch.
 
-Both take a float32 tensor on any device and return a float32 torch tensor
-(B, C). Neither unpickles anything: ONNX is a protobuf, TorchScript is loaded
-with ``torch.jit.load`` (a zip of code and tensors, never ``torch.load``).
+All take a float32 tensor on any device and return a float32 torch tensor
+(B, C). None unpickles anything: ONNX is a protobuf, TorchScript is loaded
+with ``torch.jit.load`` (a zip of code and tensors, never ``torch.load``), and the
+eager runtime builds the card's architecture from the model registry and loads
+weights.safetensors. The eager runtime is what in-process evaluation (and training's
+card metrics) runs: the same ``DefendedModel`` as the server, another runtime.
 
 ONNX Runtime and devices: the CUDA execution provider is *requested* when the
 caller's device is CUDA and this onnxruntime build offers it, and what the
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bdserve.training.export import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +132,49 @@ class TorchScriptRuntime(Runtime):
         return out.float()
 
 
+class TorchRuntime(Runtime):
+    """An eager torch module: a network of bdserve's model registry with its safetensors weights,
+    or any module in-process (a model right after training)."""
+
+    name = "torch"
+    platform = "pytorch"
+
+    def __init__(self, module: torch.nn.Module, device: torch.device | str | None = None):
+        if device is None:
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: torch.device) -> "TorchRuntime":
+        """The card's architecture from the registry, with weights.safetensors (never a pickle)."""
+        from bdserve.card import ModelCard
+        from bdserve.training.export import load_weights
+        from bdserve.training.models import create_model
+
+        model_dir = Path(model_dir)
+        card = ModelCard.load(model_dir)
+        if not card.classes:
+            raise ValueError(f"{model_dir}: the eager runtime needs the card's classes (its output size)")
+        module = create_model(card.architecture, num_classes=len(card.classes))
+        return cls(load_weights(module, model_dir / WEIGHTS_FILE), device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.module(x.to(self.device, torch.float32))
+        return out.float()
+
+
+
 def open_runtime(model_dir: Path, backend: str, device: torch.device, threads: int | None = None) -> Runtime:
-    """``backend``: 'onnx', 'torchscript' or 'auto' (model.onnx when present, else model.pt)."""
+    """``backend``: 'onnx', 'torchscript', 'torch' (eager, weights.safetensors) or 'auto'
+    (model.onnx when present, else model.pt, else the weights)."""
     onnx_path, ts_path = model_dir / "model.onnx", model_dir / "model.pt"
     if backend == "auto":
-        backend = "onnx" if onnx_path.exists() else "torchscript" if ts_path.exists() else ""
+        backend = ("onnx" if onnx_path.exists() else "torchscript" if ts_path.exists()
+                   else "torch" if (model_dir / WEIGHTS_FILE).exists() else "")
         if not backend:
-            raise FileNotFoundError(f"{model_dir}: no model.onnx or model.pt")
+            raise FileNotFoundError(f"{model_dir}: no model.onnx, model.pt or {WEIGHTS_FILE}")
     if backend == "onnx":
         if not onnx_path.exists():
             raise FileNotFoundError(f"{onnx_path} does not exist")
@@ -142,4 +183,8 @@ def open_runtime(model_dir: Path, backend: str, device: torch.device, threads: i
         if not ts_path.exists():
             raise FileNotFoundError(f"{ts_path} does not exist")
         return TorchScriptRuntime(ts_path, device)
-    raise ValueError(f"unknown backend {backend!r}; expected auto, onnx or torchscript")
+    if backend == "torch":
+        if not (model_dir / WEIGHTS_FILE).exists():
+            raise FileNotFoundError(f"{model_dir / WEIGHTS_FILE} does not exist")
+        return TorchRuntime.from_dir(model_dir, device)
+    raise ValueError(f"unknown backend {backend!r}; expected auto, onnx, torchscript or torch")

@@ -1,9 +1,11 @@
 """What both doors share: the loaded models, their batchers and the metrics.
 
-A transport turns its wire format into a tensor (``to_tensor``), awaits
-``infer``, and turns the Prediction back into its wire format. Lookup errors,
-bad inputs and refused defenses arrive as ``InvalidInput`` subclasses, a full queue as
-``Overloaded`` (all ``ServeError``).
+A door turns its wire format into an ``oip.InferRequest``, awaits ``infer``, and
+turns the ``oip.InferResponse`` back into its wire format. Here the request's input
+becomes a tensor, its defense is resolved once (the Transform object then travels
+through the batcher into ``DefendedModel.predict``), and the answer is assembled by
+oip. Lookup errors, bad inputs and refused defenses arrive as ``InvalidInput``
+subclasses, a full queue as ``Overloaded`` (all ``ServeError``).
 """
 
 from __future__ import annotations
@@ -12,25 +14,18 @@ import asyncio
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 from bdserve import __version__ as _version
+from bdserve.serve import oip
 from bdserve.serve.batching import Batcher
 from bdserve.serve.errors import InvalidInput, NotFound
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
-from bdserve.serve.pipeline import DefendedModel, Prediction
+from bdserve.serve.pipeline import DefendedModel
 
 SERVER_NAME = "bdserve"
 SERVER_VERSION = _version if isinstance(_version, str) else "0"
 EXTENSIONS = ["binary_tensor_data"]
-
-# Inputs the model metadata advertises. The tensor input takes UINT8 or FP32.
-TENSOR_INPUT = "input"
-IMAGE_INPUT = "image"
-OUTPUT_PROBS = "probabilities"
-OUTPUT_LABEL = "label"
-OUTPUT_SUSPECTED = "suspected_trigger"
 
 
 class InferenceService:
@@ -72,57 +67,42 @@ class InferenceService:
         return name if name in self.models else UNKNOWN_MODEL
 
     def metadata(self, model: DefendedModel) -> dict:
-        c, (h, w) = model.channels, model.input_size
-        outputs = [
-            {"name": OUTPUT_PROBS, "datatype": "FP32", "shape": [-1, len(model.classes)]},
-            {"name": OUTPUT_LABEL, "datatype": "BYTES", "shape": [-1]},
-        ]
-        if model.detect:
-            outputs.append({"name": OUTPUT_SUSPECTED, "datatype": "BOOL", "shape": [-1]})
-        return {
-            "name": model.name,
-            "versions": [model.version],
-            "platform": model.runtime.platform,
-            "inputs": [
-                # Send exactly one of these per request; "input" also accepts UINT8 (0..255).
-                {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, c, h, w]},
-                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-            ],
-            "outputs": outputs,
-        }
+        return {"name": model.name, "versions": [model.version], "platform": model.runtime.platform,
+                "inputs": oip.model_inputs(model), "outputs": oip.model_outputs(model)}
 
     # --------------------------------------------------------------- inference
-    async def to_tensor(self, model: DefendedModel, name: str, datatype: str, shape: list[int],
-                        value: np.ndarray | list[bytes]) -> torch.Tensor:
-        """A decoded OIP input -> the model's uint8/float batch. Images decode off the event loop."""
-        if shape and shape[0] > self.max_request_images:
-            # Checked before any decoding: a request of 100k tiny PNGs would cost seconds and gigabytes.
-            raise InvalidInput(f"{shape[0]} images in one request; this server takes at most {self.max_request_images}")
-        if name not in (TENSOR_INPUT, IMAGE_INPUT):
-            raise InvalidInput(f"unknown input {name!r}; model {model.name} takes {TENSOR_INPUT!r} "
-                               f"(UINT8/FP32 [B,3,H,W]) or {IMAGE_INPUT!r} (BYTES, encoded images)")
-        if datatype == "BYTES":
-            if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-                raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
-            return await asyncio.to_thread(model.decode, list(value))
-        if datatype not in ("UINT8", "FP32"):
-            raise InvalidInput(f"datatype {datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
-        return model.from_array(value)
-
-    async def infer(self, model: DefendedModel, x: torch.Tensor, defense: str | None = None) -> Prediction:
-        if defense is not None:
-            if not isinstance(defense, str):
-                raise InvalidInput("parameter 'defense' must be a string, e.g. \"flip\"")
-            # Refuse before queueing (lab mode, bad spec); queue under the canonical spec so that
-            # "Flip", "flip" and no request parameter share a batch.
-            spec = model.resolve_defense(defense).spec
-            defense = None if spec == model.defense_spec else spec
+    async def infer(self, request: oip.InferRequest) -> oip.InferResponse:
+        """One request through the model's batcher: input -> tensor, defense resolved, answer built."""
+        model = self.get(request.model, request.version)
+        oip.check_outputs(request, model)
+        x = await self._to_tensor(model, request.input)
+        # Refused here, before queueing (lab mode, bad spec); the cached Transform object is
+        # what the batcher groups by, so "Flip", "flip" and no parameter share a batch.
+        defense = model.resolve_defense(request.defense)
         gauge = self.metrics.inflight.labels(model=model.name)
         gauge.inc()
         try:
-            return await self.batchers[model.name].submit(x, defense)
+            pred = await self.batchers[model.name].submit(x, defense)
         finally:
             gauge.dec()
+        return oip.infer_response(request, model, pred)
+
+    async def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor:
+        """A decoded OIP input -> the model's uint8/float batch. Images decode off the event loop."""
+        shape = t.shape
+        if shape and shape[0] > self.max_request_images:
+            # Checked before any decoding: a request of 100k tiny PNGs would cost seconds and gigabytes.
+            raise InvalidInput(f"{shape[0]} images in one request; this server takes at most {self.max_request_images}")
+        if t.name not in (oip.TENSOR_INPUT, oip.IMAGE_INPUT):
+            raise InvalidInput(f"unknown input {t.name!r}; model {model.name} takes {oip.TENSOR_INPUT!r} "
+                               f"(UINT8/FP32 [B,3,H,W]) or {oip.IMAGE_INPUT!r} (BYTES, encoded images)")
+        if t.datatype == "BYTES":
+            if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+                raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
+            return await asyncio.to_thread(model.decode, list(t.value))
+        if t.datatype not in ("UINT8", "FP32"):
+            raise InvalidInput(f"datatype {t.datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
+        return model.from_array(t.value)
 
     @contextmanager
     def observe(self, model_name: str, protocol: str, ok_code: str = "200"):

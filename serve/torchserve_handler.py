@@ -117,12 +117,13 @@ class BdserveHandler:
             batch = torch.cat(tensors, 0) if len(tensors) > 1 else tensors[0]
             pred = self.model.predict(batch)
             # The same body and headers as bdserve's POST /predictions/{model}.
+            from bdserve.serve.oip import prediction_headers
+
             docs = self.model.postprocess(pred, self.topk)
             for j, i in enumerate(good_idx):
                 results[i] = docs[j]
-                _header(context, i, "X-Bdserve-Defense", pred.defense)
-                if pred.suspected is not None:
-                    _header(context, i, "X-Bdserve-Suspected-Trigger", "true" if bool(pred.suspected[j]) else "false")
+                for key, value in prediction_headers(pred, j).items():
+                    _header(context, i, key, value)
         for i in range(len(results)):
             try:
                 context.set_response_content_type(i, "application/json")

@@ -191,7 +191,3 @@ def format_table(rows: list[DefenseRow], title: str = "") -> str:
         asr = "-" if r.asr is None else f"{100 * r.asr:.1f}"
         lines.append(f"| {r.defense} | {100 * r.clean_acc:.1f} | {asr} |")
     return "\n".join(lines)
-
-
-def rows_json(rows: list[DefenseRow]) -> str:
-    return json.dumps([r.as_dict() for r in rows], indent=2)

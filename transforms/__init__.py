@@ -8,7 +8,6 @@ parameters per sample, in one place (``draw``), and apply them in another
 
 from bdserve.transforms.defenses import (
     Compose,
-    Defense,
     Flip,
     GaussianNoise,
     Identity,
@@ -23,7 +22,6 @@ from bdserve.transforms.triggers import Trigger, builtin_trigger, list_triggers
 __all__ = [
     "ColorShift",
     "Compose",
-    "Defense",
     "Flip",
     "GaussianNoise",
     "Identity",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from bdserve.specs import format_part
 from bdserve.transforms.base import Transform, randint
+from bdserve.transforms.defenses import Compose
 from bdserve.transforms.enhance import RandomFlip
 from bdserve.transforms.spatial import windows
 
@@ -20,7 +22,7 @@ class RandomCrop(Transform):
 
     @property
     def spec(self) -> str:
-        return f"randomcrop:{self.padding}"
+        return format_part("randomcrop", self.padding)
 
     def draw(self, x, generator=None):
         n = x.shape[0]
@@ -32,21 +34,13 @@ class RandomCrop(Transform):
         return windows(F.pad(x, [self.padding] * 4), top, left, x.shape[-2], x.shape[-1])
 
 
-class StandardAugment(Transform):
+class StandardAugment(Compose):
     """Pad-4 random crop, then random horizontal flip (Appendix A), per image."""
 
-    random = True
-
     def __init__(self, padding: int = 4, flip_p: float = 0.5):
-        super().__init__()
-        self.crop, self.flip = RandomCrop(padding), RandomFlip(flip_p)
+        super().__init__([RandomCrop(padding), RandomFlip(flip_p)])
 
     @property
     def spec(self) -> str:
-        return "standard"
-
-    def draw(self, x, generator=None):
-        return self.crop.draw(x, generator), self.flip.draw(x, generator)
-
-    def apply(self, x, params):
-        return self.flip.apply(self.crop.apply(x, params[0]), params[1])
+        crop, flip = self.transforms
+        return "standard" if (crop.padding, flip.p) == (4, 0.5) else super().spec

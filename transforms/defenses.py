@@ -2,7 +2,7 @@
 non-spatial baselines of Appendix D (additive Gaussian noise, colour shifts).
 
 A defense is named by a spec string so that cards, the command line and lab-mode
-requests all speak the same language::
+requests all speak the same language (the grammar: bdserve.specs, which needs no torch)::
 
     none | flip | shrinkpad:K | noise:STD | brightness:B | contrast:C | saturation:S | hue:H
     and compositions joined by '+', applied left to right, e.g. ``flip+shrinkpad:2``.
@@ -16,6 +16,7 @@ from typing import Any, Callable
 import kornia.enhance as KE
 import torch
 
+from bdserve.specs import DEFENSE_FORMS, format_part, parse_spec
 from bdserve.transforms.base import Transform, randint, uniform
 from bdserve.transforms.spatial import hflip, place, shrink
 
@@ -53,7 +54,7 @@ class ShrinkPad(Transform):
 
     @property
     def spec(self) -> str:
-        return f"shrinkpad:{self.k}"
+        return format_part("shrinkpad", self.k)
 
     def draw(self, x, generator=None):
         n = x.shape[0]
@@ -74,7 +75,7 @@ class GaussianNoise(Transform):
 
     @property
     def spec(self) -> str:
-        return f"noise:{self.std:g}"
+        return format_part("noise", self.std)
 
     def draw(self, x, generator=None):
         dev = generator.device if generator is not None else x.device
@@ -112,7 +113,7 @@ class ColorShift(Transform):
 
     @property
     def spec(self) -> str:
-        return f"{self.kind}:{self.strength:g}"
+        return format_part(self.kind, self.strength)
 
     def draw(self, x, generator=None):
         low, high = _COLOR_OPS[self.kind][0](self.strength)
@@ -123,7 +124,10 @@ class ColorShift(Transform):
 
 
 class Compose(Transform):
-    """Transforms applied left to right; each one draws its own parameters."""
+    """Transforms applied left to right; each stage draws its own parameters.
+
+    Every stage keeps the batch's shape, so all draws are made on the input (in stage
+    order: the same generator gives the same parameters as drawing stage by stage)."""
 
     def __init__(self, transforms: list[Transform]):
         super().__init__()
@@ -134,11 +138,8 @@ class Compose(Transform):
     def spec(self) -> str:
         return "+".join(t.spec for t in self.transforms) or "none"
 
-    def forward(self, x, generator=None):
-        # Draw-then-apply per stage: later draws may depend on earlier outputs' shapes.
-        for t in self.transforms:
-            x = t(x, generator)
-        return x
+    def draw(self, x, generator=None) -> list[Any]:
+        return [t.draw(x, generator) for t in self.transforms]
 
     def apply(self, x, params: list[Any]):
         for t, p in zip(self.transforms, params):
@@ -146,43 +147,41 @@ class Compose(Transform):
         return x
 
 
-Defense = Transform
+def _training_layer(name: str) -> Callable[[Any], Transform]:
+    def build(value):
+        from bdserve.transforms.augment import RandomCrop, StandardAugment
+        from bdserve.transforms.enhance import RandomFlip, RandomShrinkPad, RandomTransformLayer
 
-_FACTORIES: dict[str, Callable[[str | None], Transform]] = {
-    "none": lambda arg: Identity(),
-    "flip": lambda arg: Flip(),
-    "shrinkpad": lambda arg: ShrinkPad(int(arg)),
-    "noise": lambda arg: GaussianNoise(float(arg)),
-    **{kind: (lambda kind: lambda arg: ColorShift(kind, float(arg)))(kind) for kind in _COLOR_OPS},
+        return {"randomflip": RandomFlip, "randomshrinkpad": RandomShrinkPad, "enhanced": RandomTransformLayer,
+                "randomcrop": RandomCrop, "standard": lambda _: StandardAugment()}[name](value)
+
+    return build
+
+
+# spec name (bdserve.specs.SPEC_VALUES) -> constructor taking the parsed value
+_FACTORIES: dict[str, Callable[[Any], Transform]] = {
+    "flip": lambda v: Flip(),
+    "shrinkpad": ShrinkPad,
+    "noise": GaussianNoise,
+    **{kind: (lambda kind: lambda v: ColorShift(kind, v))(kind) for kind in _COLOR_OPS},
+    **{name: _training_layer(name) for name in ("randomflip", "randomshrinkpad", "enhanced", "randomcrop", "standard")},
 }
-_NEEDS_ARG = {"shrinkpad", "noise", *_COLOR_OPS}
 
 
 def list_defenses() -> list[str]:
-    """The spec forms ``create_defense`` understands."""
-    return ["none", "flip", "shrinkpad:K", "noise:STD", *[f"{k}:S" for k in _COLOR_OPS]]
+    """The spec forms of the defenses ``create_defense`` understands."""
+    return list(DEFENSE_FORMS)
 
 
 def create_defense(spec: str | None) -> Transform:
-    """Build a defense from its spec string, e.g. ``"shrinkpad:4"`` or ``"flip+shrinkpad:2"``."""
-    spec = (spec or "none").strip().lower()
-    parts = [p.strip() for p in spec.split("+") if p.strip()]
-    if not parts:
-        raise ValueError("empty defense spec")
+    """Build a transform from its spec string, e.g. ``"shrinkpad:4"``, ``"flip+shrinkpad:2"`` or ``"enhanced:4"``;
+    ``create_defense(t.spec)`` rebuilds any transform ``t``."""
     built = []
-    for part in parts:
-        name, _, arg = part.partition(":")
-        if name not in _FACTORIES:
-            raise ValueError(f"unknown defense {name!r}; expected one of: {', '.join(list_defenses())}")
-        if name in _NEEDS_ARG and not arg:
-            raise ValueError(f"defense {name!r} needs a value, e.g. {name}:{'4' if name == 'shrinkpad' else '0.1'}")
-        if name not in _NEEDS_ARG and arg:
-            raise ValueError(f"defense {name!r} takes no value")
+    for name, value in parse_spec(spec):
         try:
-            built.append(_FACTORIES[name](arg or None))
+            built.append(_FACTORIES[name](value))
         except ValueError as e:
-            raise ValueError(f"bad value in defense {part!r}: {e}") from None
-    built = [t for t in built if not isinstance(t, Identity)]
+            raise ValueError(f"bad value in defense {format_part(name, value)!r}: {e}") from None
     if not built:
         return Identity()
     return built[0] if len(built) == 1 else Compose(built)

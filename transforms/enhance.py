@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from bdserve.specs import format_part
 from bdserve.transforms.base import Transform, bernoulli, randint
+from bdserve.transforms.defenses import Compose
 from bdserve.transforms.spatial import hflip, shrink_pad
 
 
@@ -22,7 +24,7 @@ class RandomFlip(Transform):
 
     @property
     def spec(self) -> str:
-        return f"randomflip:{self.p:g}"
+        return format_part("randomflip", self.p)
 
     def draw(self, x, generator=None):
         return bernoulli(x.shape[0], self.p, x, generator)
@@ -40,7 +42,7 @@ class RandomShrinkPad(Transform):
 
     @property
     def spec(self) -> str:
-        return f"randomshrinkpad:{self.max_shrink}"
+        return format_part("randomshrinkpad", self.max_shrink)
 
     def draw(self, x, generator=None):
         n = x.shape[0]
@@ -51,22 +53,21 @@ class RandomShrinkPad(Transform):
         return shrink_pad(x, params["k"], params["top"], params["left"])
 
 
-class RandomTransformLayer(Transform):
+class RandomTransformLayer(Compose):
     """Random Flip followed by random ShrinkPad with maximal shrinking size ``max_shrink``."""
 
-    random = True
-
     def __init__(self, max_shrink: int = 4, flip_p: float = 0.5):
-        super().__init__()
-        self.flip = RandomFlip(flip_p)
-        self.shrinkpad = RandomShrinkPad(max_shrink)
+        super().__init__([RandomFlip(flip_p), RandomShrinkPad(max_shrink)])
+
+    @property
+    def flip(self) -> RandomFlip:
+        return self.transforms[0]
+
+    @property
+    def shrinkpad(self) -> RandomShrinkPad:
+        return self.transforms[1]
 
     @property
     def spec(self) -> str:
-        return f"enhanced:{self.shrinkpad.max_shrink}"
-
-    def draw(self, x, generator=None):
-        return self.flip.draw(x, generator), self.shrinkpad.draw(x, generator)
-
-    def apply(self, x, params):
-        return self.shrinkpad.apply(self.flip.apply(x, params[0]), params[1])
+        # The paper's layer has its own name; another flip probability spells out its stages.
+        return format_part("enhanced", self.shrinkpad.max_shrink) if self.flip.p == 0.5 else super().spec

@@ -7,7 +7,6 @@ its top-left corner. Negative coordinates count from the bottom / right edge, so
 
 from __future__ import annotations
 
-import base64
 import io
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,9 +107,6 @@ class Trigger:
         buf = io.BytesIO()
         Image.fromarray(np.concatenate([rgb, a], axis=2), mode="RGBA").save(buf, format="PNG")
         return buf.getvalue()
-
-    def png_base64(self) -> str:
-        return base64.b64encode(self.to_png_bytes()).decode()
 
 
 def _to_u8_lists(t: torch.Tensor) -> list:

@@ -75,9 +75,6 @@ def _photos(endpoint, model, card, folder, route, defense, concurrency, policy, 
 
     if route not in ("predictions", "oip"):
         raise ValueError("--photo-route is predictions or oip")
-    if defense is not None and route == "predictions" and endpoint.startswith("http://"):
-        typer.echo("note: /predictions cannot choose a defense; sending the photos as an OIP BYTES input", err=True)
-        route = "oip"
     items = ph.collect(folder, card.classes)
 
     async def go():

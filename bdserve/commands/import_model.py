@@ -40,7 +40,7 @@ def import_model(source: Path, store: Path, *, name: str | None = None, classes:
     and write card.json there. Returns the model directory."""
     from bdserve.card import ModelCard
     from bdserve.serve.runtimes import OnnxRuntime
-    from bdserve.transforms import create_defense
+    from bdserve.specs import canonical_spec
     import torch
 
     src = source / "model.onnx" if source.is_dir() else source
@@ -53,22 +53,11 @@ def import_model(source: Path, store: Path, *, name: str | None = None, classes:
         shutil.copyfile(src, dest / "model.onnx")
         if (src.parent / (src.name + ".data")).exists():  # external weights of large exports
             shutil.copyfile(src.parent / (src.name + ".data"), dest / (src.name + ".data"))
-    rt = OnnxRuntime(dest / "model.onnx", torch.device("cpu"))
-    c, h, w = rt.input_shape
-    if input_size is not None:
-        h, w = input_size
-    if not (c and h and w):
-        raise ValueError(f"the graph's input shape {rt.input_shape} is dynamic; give --input-size HxW")
-    n_out = rt(torch.zeros(1, c, h, w)).shape[-1]
-    if classes is not None and len(classes) != n_out:
-        raise ValueError(f"{len(classes)} class names but the model outputs {n_out} scores")
-    card = ModelCard(name=name, version=version, architecture="foreign", input_shape=[c, h, w],
-                     classes=classes or [f"class_{i}" for i in range(n_out)])
-    if mean is not None or std is not None:
-        card.mean, card.std = mean or [0.0] * 3, std or [1.0] * 3
-        card.normalization_in_graph = False
+    card = ModelCard.from_runtime(OnnxRuntime(dest / "model.onnx", torch.device("cpu")), name=name,
+                                  input_size=input_size, classes=classes, mean=mean, std=std)
+    card.version = version
     if defense is not None:
-        card.defense = create_defense(defense).spec
+        card.defense = canonical_spec(defense)
     card.save(dest)
     return dest
 

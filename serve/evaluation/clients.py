@@ -6,17 +6,20 @@
     grpc://HOST:PORT              OIP gRPC ModelInfer with raw_input_contents (bdserve's committed stubs)
     torchserve+http://HOST:PORT   TorchServe's POST /predictions/{m}: one PNG-encoded image per request
 
-Every call answers an ``Answer`` (class indices, the suspected-trigger flags when the
-server detects, the defense it applied) or raises ``TransientError`` (retry) or
-``PermanentError`` (count as an error). Labels come back as class names and are mapped
-to indices with the card's class list, so the client scores exactly the server's top-1.
+Every call answers an ``Answer`` (class indices, the per-image outputs the server adds such
+as the suspected-trigger flags, and the response parameters such as the defense it applied)
+or raises ``TransientError`` (retry) or ``PermanentError`` (count as an error). Labels come
+back as class names and are mapped to indices with the card's class list, so the client
+scores exactly the server's top-1. Answers are read with the server's own protocol code
+(bdserve.serve.oip), so a field the server adds is read here without a change.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -24,10 +27,6 @@ import numpy as np
 from bdserve.serve import oip
 from bdserve.serve.evaluation.retry import PermanentError, TransientError
 
-# The server's names (bdserve.serve.service); repeated here so the client needs no server imports.
-TENSOR_INPUT, IMAGE_INPUT = "input", "image"
-OUT_LABEL, OUT_SUSPECTED = "label", "suspected_trigger"
-HEADER_LEN = "inference-header-content-length"
 TRANSIENT_HTTP = {429, 502, 503, 504}
 MAX_MESSAGE = 256 * 1024 * 1024
 
@@ -35,8 +34,19 @@ MAX_MESSAGE = 256 * 1024 * 1024
 @dataclass
 class Answer:
     labels: np.ndarray  # int64 (B,): predicted class indices
-    suspected: np.ndarray | None  # bool (B,) when the server runs --detect
-    defense: str | None  # the defense the server says it applied
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. suspected_trigger (B,)
+    parameters: dict[str, Any] = field(default_factory=dict)  # e.g. defense
+
+    @property
+    def suspected(self) -> np.ndarray | None:
+        """bool (B,) when the server runs --detect."""
+        v = self.per_image.get("suspected_trigger")
+        return None if v is None else np.asarray(v, dtype=bool).reshape(-1)
+
+    @property
+    def defense(self) -> str | None:
+        """The defense the server says it applied."""
+        return self.parameters.get(oip.DEFENSE)
 
 
 class Client:
@@ -49,7 +59,22 @@ class Client:
     def __init__(self, address: str, model: str, classes: list[str], timeout_s: float = 120.0):
         self.address, self.model, self.classes, self.timeout_s = address, model, list(classes), timeout_s
         self._index = {c: i for i, c in enumerate(self.classes)}
-        self.detect: bool | None = None  # learned from the model metadata where the protocol has it
+        self.per_image_outputs: list[str] = []  # learned from the model metadata where the protocol has it
+
+    @property
+    def detect(self) -> bool:
+        return "suspected_trigger" in self.per_image_outputs
+
+    def answer(self, resp: oip.InferResponse, batch: int) -> Answer:
+        """An OIP answer -> Answer; PermanentError when it does not answer ``batch`` images."""
+        by_name = {t.name: t.value for t in resp.outputs}
+        if oip.OUTPUT_LABEL not in by_name:
+            raise PermanentError(f"the answer has no {oip.OUTPUT_LABEL!r} output")
+        names = [b.decode() if isinstance(b, bytes) else str(b) for b in by_name[oip.OUTPUT_LABEL]]
+        if len(names) != batch:
+            raise PermanentError(f"asked about {batch} images, the answer holds {len(names)} labels")
+        per_image = {n: np.asarray(by_name[n]).reshape(-1) for n in self.per_image_outputs if n in by_name}
+        return Answer(self.label_ids(names), per_image, dict(resp.parameters))
 
     def label_ids(self, names: list[str]) -> np.ndarray:
         try:
@@ -115,9 +140,11 @@ class _HttpBase(Client):
             raise PermanentError(f"HTTP {r.status_code}: {_error_text(r)}")
         return r
 
-    async def _predictions(self, blob: bytes) -> tuple[int, bool | None, str | None]:
-        """POST /predictions/{m} with the raw file as the body (TorchServe's image-classifier answer)."""
+    async def _predictions(self, blob: bytes, defense: str | None = None) -> Answer:
+        """POST /predictions/{m} with the raw file as the body (TorchServe's image-classifier answer);
+        ``defense`` goes as ``?defense=`` (honoured by a --lab bdserve, refused with 403 otherwise)."""
         r = await self._request("POST", f"/predictions/{self.model}", content=blob,
+                                params=None if defense is None else {oip.DEFENSE: defense},
                                 headers={"Content-Type": "application/octet-stream"})
         try:
             scores = r.json()
@@ -125,8 +152,8 @@ class _HttpBase(Client):
             best = max(scores.items(), key=lambda kv: kv[1])[0]
         except (ValueError, AttributeError) as e:
             raise PermanentError(f"unreadable /predictions answer: {e}") from None
-        flag = r.headers.get("x-bdserve-suspected-trigger")
-        return int(self.label_ids([best])[0]), None if flag is None else flag == "true", r.headers.get("x-bdserve-defense")
+        parameters, per_image = oip.read_headers(r.headers)
+        return Answer(self.label_ids([best]), per_image, parameters)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -147,12 +174,11 @@ class HttpClient(_HttpBase):
 
     async def connect(self) -> None:
         r = await self._request("GET", f"/v2/models/{self.model}")
-        outputs = {o.get("name") for o in r.json().get("outputs", [])}
-        self.detect = OUT_SUSPECTED in outputs
+        self.per_image_outputs = oip.per_image_output_names([o.get("name") for o in r.json().get("outputs", [])])
         await self._request("GET", f"/v2/models/{self.model}/ready")
 
     def _outputs(self) -> list[dict]:
-        names = [OUT_LABEL] + ([OUT_SUSPECTED] if self.detect else [])
+        names = [oip.OUTPUT_LABEL, *self.per_image_outputs]
         return [{"name": n, "parameters": {"binary_data": True}} for n in names]
 
     async def _infer(self, name: str, datatype: str, shape: list[int], raw: bytes, defense: str | None) -> Answer:
@@ -160,7 +186,7 @@ class HttpClient(_HttpBase):
                             "parameters": {"binary_data_size": len(raw)}}],
                 "outputs": self._outputs()}
         if defense is not None:
-            head["parameters"] = {"defense": defense}
+            head["parameters"] = {oip.DEFENSE: defense}
         js = json.dumps(head, separators=(",", ":")).encode()
         r = await self._request("POST", f"/v2/models/{self.model}/infer", content=js + raw,
                                 headers={"Content-Type": "application/octet-stream",
@@ -168,43 +194,22 @@ class HttpClient(_HttpBase):
         return self._parse(r, shape[0])
 
     def _parse(self, r, batch: int) -> Answer:
-        body = r.content
-        n = r.headers.get(HEADER_LEN)
         try:
-            head = json.loads(body[: int(n)] if n is not None else body)
-            rest = memoryview(body)[int(n):] if n is not None else memoryview(b"")
-            outputs = {}
-            for o in head["outputs"]:
-                size = (o.get("parameters") or {}).get("binary_data_size")
-                if size is not None:
-                    outputs[o["name"]] = oip.from_raw(o["datatype"], o["shape"], rest[:size])
-                    rest = rest[size:]
-                elif o["datatype"] == "BYTES":
-                    outputs[o["name"]] = [s.encode() for s in o["data"]]
-                else:
-                    outputs[o["name"]] = oip.from_json(o["datatype"], o["shape"], o["data"])
-            names = [b.decode() for b in outputs[OUT_LABEL]]
+            resp = oip.read_http_response(r.content, r.headers.get(oip.HEADER_LEN))
         except Exception as e:  # noqa: BLE001 - any malformed answer is the server's fault, not retryable
             raise PermanentError(f"unreadable OIP answer: {type(e).__name__}: {e}") from None
-        if len(names) != batch:
-            raise PermanentError(f"asked about {batch} images, the answer holds {len(names)} labels")
-        sus = outputs.get(OUT_SUSPECTED)
-        return Answer(self.label_ids(names), None if sus is None else np.asarray(sus, dtype=bool).reshape(-1),
-                      (head.get("parameters") or {}).get("defense"))
+        return self.answer(resp, batch)
 
     async def infer_tensor(self, images: np.ndarray, defense: str | None = None) -> Answer:
         images = np.ascontiguousarray(images, dtype=np.uint8)
-        return await self._infer(TENSOR_INPUT, "UINT8", list(images.shape), images.tobytes(), defense)
+        return await self._infer(oip.TENSOR_INPUT, "UINT8", list(images.shape), images.tobytes(), defense)
 
     async def infer_photos(self, blobs: list[bytes], route: str | None = None, defense: str | None = None) -> Answer:
         if route == "oip":
-            return await self._infer(IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), defense)
-        if defense is not None:
-            raise PermanentError("/predictions cannot choose a defense; send photos as an OIP BYTES input (route oip)")
+            return await self._infer(oip.IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), defense)
         if len(blobs) != 1:
             raise ValueError("/predictions takes one photo per request")
-        label, flag, applied = await self._predictions(blobs[0])
-        return Answer(np.array([label]), None if flag is None else np.array([flag]), applied)
+        return await self._predictions(blobs[0], defense)
 
 
 class TorchServeClient(_HttpBase):
@@ -229,8 +234,7 @@ class TorchServeClient(_HttpBase):
             raise PermanentError("TorchServe's /predictions cannot choose a defense (it is the archive's)")
         if len(blobs) != 1:
             raise ValueError("TorchServe takes one image per request")
-        label, flag, applied = await self._predictions(blobs[0])
-        return Answer(np.array([label]), None if flag is None else np.array([flag]), applied)
+        return await self._predictions(blobs[0])
 
 
 def encode_png(chw: np.ndarray) -> bytes:
@@ -273,7 +277,7 @@ class GrpcClient(Client):
 
     async def connect(self) -> None:
         meta = await self._call(self.stub.ModelMetadata, self.pb.ModelMetadataRequest(name=self.model))
-        self.detect = any(o.name == OUT_SUSPECTED for o in meta.outputs)
+        self.per_image_outputs = oip.per_image_output_names([o.name for o in meta.outputs])
         ready = await self._call(self.stub.ModelReady, self.pb.ModelReadyRequest(name=self.model))
         if not ready.ready:
             raise TransientError(f"model {self.model} is not ready yet")
@@ -283,32 +287,25 @@ class GrpcClient(Client):
         req = pb.ModelInferRequest(model_name=self.model)
         req.inputs.add(name=name, datatype=datatype, shape=shape)
         req.raw_input_contents.append(raw)
-        for out in [OUT_LABEL] + ([OUT_SUSPECTED] if self.detect else []):
+        for out in [oip.OUTPUT_LABEL, *self.per_image_outputs]:
             req.outputs.add(name=out)
         if defense is not None:
-            req.parameters["defense"].string_param = defense
+            req.parameters[oip.DEFENSE].string_param = defense
         resp = await self._call(self.stub.ModelInfer, req)
         try:
-            outs = {o.name: (o, resp.raw_output_contents[i]) for i, o in enumerate(resp.outputs)}
-            o, raw_labels = outs[OUT_LABEL]
-            names = [b.decode() for b in oip.from_raw("BYTES", list(o.shape), raw_labels)]
-            sus = None
-            if OUT_SUSPECTED in outs:
-                o, raw_sus = outs[OUT_SUSPECTED]
-                sus = np.asarray(oip.from_raw("BOOL", list(o.shape), raw_sus), dtype=bool).reshape(-1)
+            outputs = [oip.Tensor(o.name, o.datatype, list(o.shape), oip.read_output(o.datatype, list(o.shape), raw=raw))
+                       for o, raw in zip(resp.outputs, resp.raw_output_contents)]
         except Exception as e:  # noqa: BLE001
             raise PermanentError(f"unreadable ModelInfer answer: {type(e).__name__}: {e}") from None
-        if len(names) != shape[0]:
-            raise PermanentError(f"asked about {shape[0]} images, the answer holds {len(names)} labels")
-        applied = resp.parameters["defense"].string_param if "defense" in resp.parameters else None
-        return Answer(self.label_ids(names), sus, applied)
+        params = {k: oip.read_parameter(v) for k, v in resp.parameters.items()}
+        return self.answer(oip.InferResponse(resp.model_name, resp.model_version, outputs, params, resp.id), shape[0])
 
     async def infer_tensor(self, images: np.ndarray, defense: str | None = None) -> Answer:
         images = np.ascontiguousarray(images, dtype=np.uint8)
-        return await self._infer(TENSOR_INPUT, "UINT8", list(images.shape), images.tobytes(), defense)
+        return await self._infer(oip.TENSOR_INPUT, "UINT8", list(images.shape), images.tobytes(), defense)
 
     async def infer_photos(self, blobs: list[bytes], route: str | None = None, defense: str | None = None) -> Answer:
-        return await self._infer(IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), defense)
+        return await self._infer(oip.IMAGE_INPUT, "BYTES", [len(blobs)], oip.pack_bytes(blobs), defense)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bdserve.card import ModelCard
+from bdserve.scoring import triggered_pool
 
 
 @dataclass
@@ -67,6 +68,6 @@ def build_sets(card: ModelCard, data: str | Path, limit: int | None = None, seed
 
 
 def triggered_set(images: torch.Tensor, labels: torch.Tensor, trigger, target: int, name: str = "triggered") -> HeldOut:
-    pool = (labels != target).nonzero(as_tuple=True)[0]
+    pool = torch.from_numpy(triggered_pool(labels, target))
     stamped = stamp_uint8(images[pool], trigger)
     return HeldOut(name, stamped.numpy(), labels[pool].numpy(), pool.numpy())

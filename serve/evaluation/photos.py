@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bdserve.progress import progress_bar
+from bdserve.scoring import attack_hits
 from bdserve.serve.evaluation.clients import Client
-from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
+from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy
 from bdserve.serve.evaluation.stats import percentiles, rate
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -66,8 +66,9 @@ def collect(folder: Path, classes: list[str]) -> list[Photo]:
 
 async def classify(client: Client, photos: list[Photo], *, route: str | None = None, defense: str | None = None,
                    concurrency: int = 4, policy: RetryPolicy = RetryPolicy()) -> list[dict]:
-    """One request per photo; each result holds the prediction or the error."""
-    from bdserve.serve.evaluation.runner import canonical
+    """One request per photo; each result holds the prediction or the error. Retries, timing and
+    the defense check are the runner's (``ask``)."""
+    from bdserve.serve.evaluation.runner import ask, canonical
 
     want = canonical(defense)
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -79,19 +80,12 @@ async def classify(client: Client, photos: list[Photo], *, route: str | None = N
                 res = {"file": str(p.path), "label": p.label, "kind": p.kind, "bytes": len(blob),
                        "pred": None, "suspected": None, "defense": None, "error": None, "retries": 0}
 
-                async def attempt():
-                    t0 = time.perf_counter()
-                    a = await client.infer_photos([blob], route, defense)
-                    res["latency_s"] = time.perf_counter() - t0
-                    return a
-
                 def retried(_e):
                     res["retries"] += 1
 
                 try:
-                    a = await with_retries(attempt, policy, retried)
-                    if want is not None and a.defense is not None and a.defense != want:
-                        raise PermanentError(f"asked for defense {want!r}, the server applied {a.defense!r}")
+                    a, res["latency_s"] = await ask(lambda: client.infer_photos([blob], route, defense),
+                                                    policy, want, retried)
                 except PermanentError as e:
                     res["error"] = str(e)
                 else:
@@ -116,7 +110,7 @@ def summarize(results: list[dict], classes: list[str], target: int | None) -> di
     out = {
         "photos": len(results), "answered": len(answered), "errors": len(results) - len(answered),
         "target": target, "target_name": None if target is None else classes[target],
-        "physical_asr": rate(sum(r["pred"] == target for r in attack), len(attack)) if target is not None else None,
+        "physical_asr": rate(*attack_hits([r["pred"] for r in attack], target)) if target is not None else None,
         "attack_photos_accuracy": rate(sum(r["pred"] == r["label"] for r in attack), len(attack)),
         "clean_accuracy": rate(sum(r["pred"] == r["label"] for r in clean), len(clean)) if clean else None,
         "retries": sum(r["retries"] for r in results),

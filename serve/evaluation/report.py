@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bdserve.scoring import attack_hits, clean_correct
 from bdserve.serve.evaluation.runner import RunResult, SetResult
 from bdserve.serve.evaluation.stats import percentiles, rate
 
@@ -22,8 +23,8 @@ def _errors(s: SetResult) -> dict:
 
 def clean_metrics(s: SetResult, num_classes: int) -> dict:
     ok = s.answered
-    correct = int((s.preds[ok] == s.labels[ok]).sum())
-    wrong = int(ok.sum()) - correct
+    correct, n = clean_correct(s.preds, s.labels, ok)
+    wrong = n - correct
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (s.labels[ok], s.preds[ok]), 1)
     return {"images": len(s.labels), "correct": correct, "wrong": wrong, "errors": s.n_errors,
@@ -31,9 +32,8 @@ def clean_metrics(s: SetResult, num_classes: int) -> dict:
 
 
 def triggered_metrics(s: SetResult, target: int) -> dict:
-    ok = s.answered
-    hit = int((s.preds[ok] == target).sum())
-    miss = int(ok.sum()) - hit
+    hit, n = attack_hits(s.preds, target, s.answered)
+    miss = n - hit
     return {"images": len(s.labels), "hit": hit, "miss": miss, "errors": s.n_errors,
             "asr": rate(hit, hit + miss), "error_reasons": _errors(s)}
 

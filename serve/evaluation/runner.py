@@ -12,10 +12,12 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import numpy as np
 
 from bdserve.progress import progress_bar
+from bdserve.specs import canonical_spec
 from bdserve.serve.evaluation.clients import Answer, Client
 from bdserve.serve.evaluation.heldout import HeldOut
 from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
@@ -56,11 +58,27 @@ class RunResult:
 
 
 def canonical(spec: str | None) -> str | None:
-    if spec is None:
-        return None
-    from bdserve.transforms import create_defense
+    """The spec as the server will name it (no torch needed: bdserve.specs)."""
+    return None if spec is None else canonical_spec(spec)
 
-    return create_defense(spec).spec
+
+async def ask(call: Callable[[], Awaitable[Answer]], policy: RetryPolicy, want: str | None,
+              on_retry: Callable[[Exception], None] | None = None) -> tuple[Answer, float]:
+    """One request with retries: (the answer, its last attempt's seconds). Raises PermanentError,
+    also when the server says it applied another defense than ``want`` (canonical spec)."""
+    timing = {}
+
+    async def attempt() -> Answer:
+        t0 = time.perf_counter()
+        answer = await call()
+        timing["last"] = time.perf_counter() - t0
+        return answer
+
+    answer = await with_retries(attempt, policy, on_retry)
+    if want is not None and answer.defense is not None and answer.defense != want:
+        raise PermanentError(f"asked for defense {want!r}, the server applied {answer.defense!r} "
+                             "(is it running with --lab?)")
+    return answer, timing["last"]
 
 
 async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None = None, batch_size: int = 256,
@@ -77,22 +95,12 @@ async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None =
     with progress_bar(description, total=total) as advance:
         async def one(s: HeldOut, res: SetResult, start: int, stop: int) -> None:
             async with gate:
-                timing = {}
-
-                async def attempt() -> Answer:
-                    t0 = time.perf_counter()
-                    answer = await client.infer_tensor(s.images[start:stop], defense)
-                    timing["last"] = time.perf_counter() - t0
-                    return answer
-
                 def retried(_e) -> None:
                     res.retries += 1
 
                 try:
-                    answer = await with_retries(attempt, policy, retried)
-                    if want is not None and answer.defense is not None and answer.defense != want:
-                        raise PermanentError(f"asked for defense {want!r}, the server applied {answer.defense!r} "
-                                             "(is it running with --lab?)")
+                    answer, seconds = await ask(lambda: client.infer_tensor(s.images[start:stop], defense),
+                                                policy, want, retried)
                 except PermanentError as e:
                     res.errors[str(e)] += stop - start
                 else:
@@ -102,7 +110,7 @@ async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None =
                             res.suspected = np.zeros(len(res.labels), dtype=bool)
                         res.suspected[start:stop] = answer.suspected
                     res.applied[answer.defense or "?"] += stop - start
-                    res.latencies_s.append(timing["last"])
+                    res.latencies_s.append(seconds)
                 res.requests += 1
                 advance(stop - start)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bdserve.card import ModelCard
+from bdserve.scoring import attack_hits
 from bdserve.serve.evaluation.clients import Client
 from bdserve.serve.evaluation.heldout import load_test, triggered_set
 from bdserve.serve.evaluation.retry import RetryPolicy
@@ -37,8 +38,7 @@ class StudyConfig:
 
 def _asr(run: RunResult, name: str, target: int) -> dict:
     s = run.sets[name]
-    ok = s.answered
-    r = rate(int((s.preds[ok] == target).sum()), int(ok.sum()))
+    r = rate(*attack_hits(s.preds, target, s.answered))
     r["errors"] = s.n_errors
     return r
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,16 +13,10 @@ from pathlib import Path
 
 import httpx
 
-from bdserve.serve.evaluation.live import served
+from bdserve.testing import bdserve_command, run_cli, served
 
-BDSERVE = [sys.executable, "-m", "bdserve.cli"]
+BDSERVE = bdserve_command()
 ENV = {**os.environ, "BDSERVE_PROGRESS": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -36,7 +28,7 @@ def running_server(model_dir: Path, *extra: str, http_port: int = 0, grpc_port: 
 
 
 def run_eval(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*BDSERVE, "eval", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+    return run_cli("eval", *args, timeout=timeout)
 
 
 def read_report(out: Path) -> dict:

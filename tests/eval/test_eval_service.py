@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from eval_helpers import BDSERVE, ENV, FlakyProxy, free_port, read_report, run_eval, running_server
+from bdserve.testing import free_port
+from eval_helpers import BDSERVE, ENV, FlakyProxy, read_report, run_eval, running_server
 from in_process import predictions
 
 LIMIT = 200
@@ -95,7 +96,7 @@ def test_torchserve_transport_matches_bdserve(tiny_server, tiny_badnets_dir, tin
     """A real TorchServe with the model's .mar (defense flip): one PNG per request, same numbers."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java 17 and `java` is not on PATH")
-    from bdserve.serve.archive import LocalTorchServe
+    from bdserve.testing import LocalTorchServe
 
     mar = tmp_path / "mar"
     a = subprocess.run([*BDSERVE, "archive", str(tiny_badnets_dir), "--out", str(mar), "--name", "tsflip",

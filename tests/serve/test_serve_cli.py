@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from bdserve.testing import ServeProcess, bdserve_command
 from serve_helpers import FOREIGN_CLASSES, encode, random_image
 
-# The installed console script when there is one (what users run), else the same entry point.
-_SCRIPT = Path(sys.executable).parent / "bdserve"
-BDSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bdserve.cli"]
+BDSERVE = bdserve_command()
 HERE = Path(__file__).parent
 
 
@@ -44,30 +43,9 @@ def cli_store(store, foreign_onnx, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_server(cli_store):
-    proc = subprocess.Popen(
-        [*BDSERVE, "serve", "--model-store", str(cli_store), "--http-port", "0", "--grpc-port", "0",
-         "--max-queue-delay-ms", "500", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines, addr = [], {}
-    deadline = time.time() + 90
-    while time.time() < deadline and len(addr) < 2:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("HTTP listening on "):
-            addr["http"] = line.split()[-1]
-        elif line.startswith("gRPC listening on "):
-            addr["grpc"] = line.split()[-1]
-    assert len(addr) == 2, "".join(lines)
-    rest: list[str] = []
-    t = threading.Thread(target=lambda: rest.extend(proc.stdout), daemon=True)
-    t.start()
-    yield proc, addr, lines, rest
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    srv = ServeProcess(cli_store, [], "--max-queue-delay-ms", "500", "--threads", "1").start()
+    yield srv.proc, {"http": srv.http_url, "grpc": srv.grpc_target}, srv.banner, srv.output
+    srv.stop(grace_s=0)
 
 
 def test_import_refuses_a_wrong_class_count(foreign_onnx, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ts_helpers import bdserve_cli, build_tiny_model_dir
+from bdserve.testing import LocalTorchServe, build_tiny_model_dir, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def mar_store(tiny_dir, tmp_path_factory) -> Path:
     """Two archives of the same model: served with no defense and with flip (both deterministic)."""
     store = tmp_path_factory.mktemp("mar_store")
     for name, defense in (("tiny", "none"), ("tinyflip", "flip")):
-        res = bdserve_cli("archive", str(tiny_dir), "--out", str(store), "--name", name, "--defense", defense,
+        res = run_cli("archive", str(tiny_dir), "--out", str(store), "--name", name, "--defense", defense,
                           "--max-batch-delay-ms", "20")
         assert res.returncode == 0, res.stderr + res.stdout
         assert Path(res.stdout.strip().splitlines()[-1]) == store / f"{name}.mar"
@@ -33,8 +33,6 @@ def mar_store(tiny_dir, tmp_path_factory) -> Path:
 def torchserve(mar_store, tmp_path_factory):
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java 17 and `java` is not on PATH")
-    from bdserve.serve.archive import LocalTorchServe
-
     ts = LocalTorchServe(mar_store, ["tiny.mar", "tinyflip.mar"], tmp_path_factory.mktemp("torchserve"))
     ts.start(timeout=90)
     try:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from ts_helpers import bdserve_cli, sample_images
+from bdserve.testing import ServeProcess, run_cli, sample_images
 
 pytestmark = pytest.mark.slow
 
@@ -47,35 +44,8 @@ def reference(tiny_dir, images):
 @pytest.fixture(scope="module")
 def bdserve_http(tiny_dir):
     """bdserve's real HTTP server (``bdserve serve``) for the same model with the defense none."""
-    from bdserve.serve.archive import free_port
-
-    port, gport = free_port(), free_port()
-    exe = Path(sys.executable).parent / "bdserve"
-    cmd = [str(exe), "serve", "--model-store", str(tiny_dir.parent), "--model", tiny_dir.name,
-           "--http-port", str(port), "--grpc-port", str(gport), "--defense", "none"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"bdserve serve exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail("bdserve serve not ready after 60 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with ServeProcess(tiny_dir.parent, [tiny_dir.name], "--defense", "none") as srv:
+        yield srv.http_url
 
 
 def _close(a: dict, b: dict) -> bool:
@@ -105,21 +75,21 @@ def test_archive_holds_model_card_config_and_the_packaged_handler(mar_store, tin
 
 
 def test_archive_refuses_a_bad_defense_and_a_directory_without_a_model(tiny_dir, tmp_path):
-    res = bdserve_cli("archive", str(tiny_dir), "--out", str(tmp_path), "--defense", "shrinkpad:x")
+    res = run_cli("archive", str(tiny_dir), "--out", str(tmp_path), "--defense", "shrinkpad:x")
     assert res.returncode == 1
     assert "defense" in res.stderr and not list(tmp_path.glob("*.mar"))
     # A valid spec that cannot run on a 32x32 input: caught by loading the pipeline at archive time.
-    res = bdserve_cli("archive", str(tiny_dir), "--out", str(tmp_path), "--defense", "shrinkpad:40")
+    res = run_cli("archive", str(tiny_dir), "--out", str(tmp_path), "--defense", "shrinkpad:40")
     assert res.returncode == 1, res.stdout
     assert "does not load" in res.stderr and not list(tmp_path.glob("*.mar"))
     (tmp_path / "empty").mkdir()
-    res = bdserve_cli("archive", str(tmp_path / "empty"), "--out", str(tmp_path))
+    res = run_cli("archive", str(tmp_path / "empty"), "--out", str(tmp_path))
     assert res.returncode == 1
     assert "model.onnx" in res.stderr
 
 
 def test_archive_defaults_to_the_card_name_inside_the_model_directory(tiny_dir):
-    res = bdserve_cli("archive", str(tiny_dir))
+    res = run_cli("archive", str(tiny_dir))
     assert res.returncode == 0, res.stderr
     mar = tiny_dir / "tiny.mar"
     assert Path(res.stdout.strip()) == mar and mar.is_file()

@@ -121,3 +121,36 @@ def test_nonspatial_defenses_keep_the_trigger_location():
     out = create_defense("brightness:0.3")(x, torch.Generator().manual_seed(0))
     assert (out[:, :, :29] == 0).all()
     assert (out[:, :, -3:, -3:] > 0.5).all()
+
+
+READBACK_SPECS = ["none", "flip", "shrinkpad:4", "noise:0.05", "brightness:0.2", "hue:0.1", "flip+shrinkpad:2",
+                  "randomflip:0.5", "randomflip:0.3", "randomshrinkpad:4", "enhanced:4", "randomcrop:4", "standard"]
+
+
+@pytest.mark.parametrize("spec", READBACK_SPECS)
+def test_every_transform_spec_reads_back(spec):
+    t = create_defense(spec)
+    assert t.spec == spec
+    assert type(create_defense(t.spec)) is type(t)
+
+
+def test_random_layers_are_compositions_with_real_draw_and_apply():
+    from bdserve.transforms.augment import StandardAugment
+
+    x = torch.rand(64, 3, 16, 16)
+    for t in (RandomTransformLayer(4), StandardAugment(), create_defense("flip+shrinkpad:2+noise:0.1")):
+        assert isinstance(t, Compose)
+        drawn = t.apply(x, t.draw(x, torch.Generator().manual_seed(5)))
+        assert torch.equal(drawn, t(x, torch.Generator().manual_seed(5)))
+    assert RandomTransformLayer(4, flip_p=0.3).spec == "randomflip:0.3+randomshrinkpad:4"
+
+
+def test_client_canonicalises_specs_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from bdserve.specs import canonical_spec; "
+            "print(canonical_spec(' Flip + ShrinkPad:04 + none + noise:0.050')); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["flip+shrinkpad:4+noise:0.05", "False"]
+    assert create_defense(" Flip + ShrinkPad:04 + none + noise:0.050").spec == out[0]
