@@ -24,6 +24,10 @@ class Overloaded(ServeError):
     grpc_code = "UNAVAILABLE"
 
 
+class ModelUnavailable(Overloaded):
+    """A model of the store that failed to load (HTTP 503, gRPC UNAVAILABLE): not ready, and says why."""
+
+
 class InvalidInput(ServeError, ValueError):
     """A request the server refuses because of what the client sent (HTTP 400, gRPC INVALID_ARGUMENT)."""
 

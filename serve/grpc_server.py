@@ -16,7 +16,7 @@ import logging
 import grpc
 
 from bdserve.serve import oip
-from bdserve.serve.errors import InvalidInput, ServeError
+from bdserve.serve.errors import InvalidInput, ModelUnavailable, ServeError
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
@@ -43,6 +43,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             self.service.get(request.name, request.version)
+        except ModelUnavailable:  # failed to load: not ready
+            return pb.ModelReadyResponse(ready=False)
         except ServeError as e:
             await self._abort(context, e)
         return pb.ModelReadyResponse(ready=self.service.ready)

@@ -184,3 +184,41 @@ async def send_error(send, e: ServeError, close: bool = True) -> None:
         headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": e.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------- below the app: the HTTP parser
+
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
+
+LINGER_S = 2.0
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, with the requests it cannot parse answered in the protocol's JSON:
+    431 for headers over h11's limit (16 KiB), 400 otherwise (e.g. Content-Length with
+    chunked). The answer is followed by a lingering close: the connection stops reading into
+    the parser, sends its FIN, and swallows what the client still sends for ``LINGER_S`` -
+    closing at once would reset the connection under a client still sending 8 MiB of header,
+    which then never sees the answer."""
+
+    _lingering = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a request already refused
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        buffered = len(self.conn.trailing_data[0])
+        if buffered > self.conn._max_incomplete_event_size:
+            status, text = 431, f"request headers over this server's limit of {self.conn._max_incomplete_event_size} bytes"
+        else:
+            status, text = 400, "malformed HTTP request (framing or headers the server cannot parse unambiguously)"
+        body = json.dumps({"error": text}).encode()
+        head = (f"HTTP/1.1 {status} {'Request Header Fields Too Large' if status == 431 else 'Bad Request'}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        self.transport.write(head + body)
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)

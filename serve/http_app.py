@@ -2,9 +2,11 @@
 plus TorchServe-style ``POST /predictions/{model}`` and Prometheus ``/metrics``.
 
 Errors use the protocol's format, ``{"error": "<what was wrong>"}``, with 400
-(bad input), 403 (defense not allowed), 404 (unknown model/version/route) or 413
-(body over the limit). The body limit is enforced before the body is read when
-the client declares Content-Length, and while streaming otherwise.
+(bad input), 403 (defense not allowed), 404 (unknown model/version/route), 405 (with
+``Allow``), 408 (body too slow), 413 (body over the limit) or 503 (overloaded, shutting
+down, or a model that failed to load; with ``Retry-After``). Body limits, deadlines and
+framing are the guard's (serve/guard.py), in front of this app. JSON bodies are validated
+against typed schemas (serve/schemas.py), which ``/openapi.json`` describes.
 
 Binary tensor extension: when the ``Inference-Header-Content-Length`` header is
 present, the body is that many bytes of JSON followed by the raw contents of
@@ -22,8 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bdserve.serve import oip
-from bdserve.serve.errors import InvalidInput, PayloadTooLarge, ServeError
+from bdserve.serve import oip, schemas
+from bdserve.serve.errors import InvalidInput, ModelUnavailable, Overloaded, ServeError, shown
+from bdserve.serve.guard import HttpGuard
 from bdserve.serve.metrics import CONTENT_TYPE_LATEST
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
 
@@ -33,43 +36,34 @@ PROTOCOL = "http"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a declared Content-Length over the limit, without reading
-    the body; for chunked bodies, the limit is enforced while the app reads."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                too_big = False
-            if too_big:
-                resp = JSONResponse({"error": f"request body of {int(declared)} bytes is over this server's limit "
-                                              f"of {self.max_bytes} bytes (--max-body-mb)"}, status_code=413,
-                                    headers={"Connection": "close"})
-                return await resp(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"request body is over this server's limit of {self.max_bytes} bytes (--max-body-mb)")
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-
 def _error(e: ServeError) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=e.http_status)
+    return JSONResponse({"error": str(e)}, status_code=e.http_status,
+                        headers={"Retry-After": "1"} if isinstance(e, Overloaded) else None)
+
+
+def _body_doc(component: str, description: str) -> dict:
+    """An OpenAPI request body for a route that reads its body itself (the binary extension)."""
+    return {"requestBody": {"required": True, "description": description, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{component}"}}}}}
+
+
+def _with_request_schemas(app: FastAPI) -> None:
+    """Add the request schemas the routes name (they parse their bodies themselves) to the document."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = build()
+            body = schemas.InferRequestBody.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components["InferRequestBody"] = body
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+_ERRORS = {code: {"model": schemas.ErrorBody} for code in (400, 403, 404, 408, 413, 503)}
 
 
 def _internal(model: str) -> JSONResponse:
@@ -77,8 +71,11 @@ def _internal(model: str) -> JSONResponse:
     return JSONResponse({"error": "internal server error (logged on the server)"}, status_code=500)
 
 
-def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
-    app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY, body_timeout_s: float = 30.0,
+               max_uploads: int = 256) -> HttpGuard:
+    """The FastAPI app behind its guard (``.app`` is the FastAPI app)."""
+    # The OpenAPI document (no docs pages) is what standard fuzzers and client generators read.
+    app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.service = service
     app.state.max_body = max_body_bytes
 
@@ -87,8 +84,8 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         return _error(e)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+    async def _http(request: Request, e: StarletteHTTPException):  # 404 route, 405 (keeps its Allow header)
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     # ------------------------------------------------------------ health/meta
     @app.get("/v2/health/live")
@@ -103,15 +100,21 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     async def server_metadata():
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
+    @app.get("/v2/models/{name}", responses=_ERRORS)
+    @app.get("/v2/models/{name}/versions/{version}", responses=_ERRORS)
     async def model_metadata(name: str, version: str | None = None):
-        return service.metadata(service.get(name, version))
+        try:
+            return service.metadata(service.get(name, version))
+        except ModelUnavailable as e:  # loaded with an error: not ready, and says why
+            return JSONResponse({"name": name, "ready": False, "error": str(e)}, status_code=503)
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
+    @app.get("/v2/models/{name}/ready", responses=_ERRORS)
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=_ERRORS)
     async def model_ready(name: str, version: str | None = None):
-        service.get(name, version)
+        try:
+            service.get(name, version)
+        except ModelUnavailable as e:
+            return JSONResponse({"name": name, "ready": False, "error": str(e)}, status_code=503)
         return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
 
     @app.get("/metrics")
@@ -119,16 +122,24 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ infer
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
+    infer_doc = {"openapi_extra": _body_doc("InferRequestBody", "OIP inference request (JSON; or JSON followed by "
+                                            "binary tensor data, see Inference-Header-Content-Length)"),
+                 "responses": {200: {"model": schemas.InferResponseBody}, **_ERRORS}}
+
+    @app.post("/v2/models/{name}/infer", **infer_doc)
+    @app.post("/v2/models/{name}/versions/{version}/infer", **infer_doc)
     async def infer(name: str, request: Request, version: str | None = None):
         return await _observed(service, name, _infer(service, name, version, request))
 
-    @app.post("/predictions/{name}")
+    @app.post("/predictions/{name}", responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "data": {"type": "string", "format": "binary"}}, "required": ["data"]}}}}})
     async def predictions(name: str, request: Request):
         return await _observed(service, name, _predictions(service, name, request))
 
-    return BodyLimit(app, max_body_bytes)
+    _with_request_schemas(app)
+    return HttpGuard(app, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, max_uploads=max_uploads)
 
 
 async def _observed(service: InferenceService, name: str, work) -> Response:
@@ -151,70 +162,46 @@ async def _infer(service: InferenceService, name: str, version: str | None, requ
 
 
 def _read_infer_request(name: str, version: str | None, body: bytes, header_len: str | None) -> oip.InferRequest:
-    """JSON (+ binary tensor extension) -> InferRequest."""
+    """JSON (+ binary tensor extension) -> InferRequest, the JSON validated by its schema."""
     if header_len is not None:
-        try:
-            n = int(header_len)
-        except ValueError:
-            raise InvalidInput(f"malformed binary header: {oip.HEADER_LEN} must be an integer, got {header_len!r}") from None
+        if not header_len.isdigit() or len(header_len) > 18:
+            raise InvalidInput(f"malformed binary header: {oip.HEADER_LEN} must be an integer, got {shown(header_len)}")
+        n = int(header_len)
         if not 0 < n <= len(body):
             raise InvalidInput(f"malformed binary header: {oip.HEADER_LEN} is {n}, the body has {len(body)} bytes")
         header, binary = body[:n], memoryview(body)[n:]
     else:
         header, binary = body, memoryview(b"")
     try:
-        req = json.loads(header)
+        doc = json.loads(header)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"malformed JSON request: {e}") from None
-    if not isinstance(req, dict):
-        raise InvalidInput("the request must be a JSON object with an 'inputs' list")
-    inputs = req.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1:
-        raise InvalidInput("the request must have an 'inputs' list with exactly one input tensor "
-                           f"(got {len(inputs) if isinstance(inputs, list) else type(inputs).__name__})")
-    params = _params(req, "the request")
+    except RecursionError:
+        raise InvalidInput("malformed JSON request: nested too deeply") from None
+    req = schemas.parse_infer_request(doc)
+    params = req.parameters.model_dump(exclude_none=True) if req.parameters else {}
 
-    spec = inputs[0]
-    if not isinstance(spec, dict):
-        raise InvalidInput("each input must be a JSON object with name, datatype, shape and data")
-    iname, datatype = spec.get("name"), oip.check_datatype(spec.get("datatype"))
-    shape = oip.check_shape(spec.get("shape"))
-    iparams = _params(spec, f"input {iname!r}")
-    if "binary_data_size" in iparams:
-        size = iparams["binary_data_size"]
-        if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise InvalidInput(f"malformed binary header: binary_data_size {size!r} but {len(binary)} binary bytes follow the JSON")
+    spec = req.inputs[0]
+    datatype, shape = spec.datatype, oip.check_shape(spec.shape)
+    size = spec.parameters.binary_data_size if spec.parameters else None
+    if size is not None:
+        if size > len(binary):
+            raise InvalidInput(f"malformed binary header: binary_data_size {size} but {len(binary)} binary bytes follow the JSON")
         value = oip.from_raw(datatype, shape, binary[:size])
         binary = binary[size:]
-    elif "data" in spec:
-        value = oip.from_json(datatype, shape, spec["data"])
+    elif spec.data is not None:
+        value = oip.from_json(datatype, shape, spec.data)
     else:
-        raise InvalidInput(f"input {iname!r} has neither 'data' nor parameters.binary_data_size")
+        raise InvalidInput(f"input {shown(spec.name)} has neither 'data' nor parameters.binary_data_size")
     if len(binary):
         raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
 
-    wanted = req.get("outputs")
     outputs = None
-    if wanted is not None:
-        if not isinstance(wanted, list):
-            raise InvalidInput("'outputs' must be a list")
-        outputs = []
-        for w in wanted:
-            oname = w.get("name") if isinstance(w, dict) else None
-            binary_out = _params(w, f"output {oname!r}").get("binary_data") if isinstance(w, dict) else None
-            outputs.append(oip.RequestedOutput(oname, None if binary_out is None else bool(binary_out)))
-    return oip.InferRequest(model=name, version=version, input=oip.Tensor(iname, datatype, shape, value),
-                            parameters=params, outputs=outputs, id=req["id"] if isinstance(req.get("id"), str) else None,
+    if req.outputs is not None:
+        outputs = [oip.RequestedOutput(o.name, o.parameters.binary_data if o.parameters else None) for o in req.outputs]
+    return oip.InferRequest(model=name, version=version, input=oip.Tensor(spec.name, datatype, shape, value),
+                            parameters=params, outputs=outputs, id=req.id,
                             binary_output=bool(params.get("binary_data_output", False)))
-
-
-def _params(obj: dict, where: str) -> dict:
-    params = obj.get("parameters")
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise InvalidInput(f"'parameters' of {where} must be a JSON object")
-    return params
 
 
 def _write_infer_response(resp: oip.InferResponse) -> Response:
@@ -247,14 +234,18 @@ async def _predictions(service: InferenceService, name: str, request: Request) -
         try:
             # A non-file field may hold the whole image; the body limit already bounds it.
             form = await request.form(max_files=4, max_fields=16, max_part_size=request.app.state.max_body)
-        except InvalidInput:
+        except ServeError:
             raise
         except Exception as e:  # noqa: BLE001 - python-multipart's errors vary by version
-            raise InvalidInput(f"malformed multipart body: {e}") from None
-        field = form.get("data") or form.get("file")
-        if field is None:
+            raise InvalidInput(f"malformed multipart body: {shown(str(e), 200)}") from None
+        fields = form.getlist("data") + form.getlist("file")
+        if not fields:
             raise InvalidInput("multipart upload needs a field named 'data' holding the image")
-        blob = await field.read() if hasattr(field, "read") else str(field).encode()
+        if len(fields) > 1:
+            raise InvalidInput(f"multipart upload has more than one image field ({len(fields)} named 'data' or "
+                               "'file'); send one image per request")
+        field = fields[0]
+        blob = await field.read() if hasattr(field, "read") else _field_bytes(field)
     else:
         blob = await request.body()
     # ?defense=SPEC: like OIP's parameters.defense, honoured only by a --lab server (else 403).
@@ -264,3 +255,13 @@ async def _predictions(service: InferenceService, name: str, request: Request) -
         parameters={} if defense is None else {oip.DEFENSE: defense}))
     pred = resp.prediction
     return JSONResponse(model.postprocess(pred)[0], headers=oip.prediction_headers(pred, 0))
+
+
+def _field_bytes(text: str) -> bytes:
+    """The bytes of a non-file multipart field. Starlette decodes it as UTF-8, or as Latin-1 when
+    that fails - which an encoded image always does (its first byte is never valid UTF-8) - so
+    Latin-1 gives the original bytes back; text that needed UTF-8 goes back through UTF-8."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")

@@ -33,7 +33,7 @@ import numpy as np
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from bdserve.serve.errors import InvalidInput
+from bdserve.serve.errors import InvalidInput, shown
 
 # ---------------------------------------------------------------- protocol names (the one place)
 TENSOR_INPUT = "input"  # UINT8 (0..255) or FP32 ([0, 1]) [B, C, H, W]
@@ -50,21 +50,26 @@ NUMPY_DTYPES = {
 }
 KNOWN_DATATYPES = set(NUMPY_DTYPES) | {"BYTES", "BF16"}
 MAX_RANK = 8
+MAX_DIM = 2 ** 31 - 1
+MAX_ELEMENTS = 2 ** 32  # far past any body the server accepts; a bound so no count can overflow
 
 
 def check_shape(shape) -> list[int]:
     if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInput(f"shape must be a list of integers, got {shape!r}")
+        raise InvalidInput(f"shape must be a list of integers, got {shown(shape)}")
     if len(shape) == 0 or len(shape) > MAX_RANK:
-        raise InvalidInput(f"shape must have rank 1..{MAX_RANK}, got {list(shape)}")
+        raise InvalidInput(f"shape must have rank 1..{MAX_RANK}, got {shown(list(shape))}")
     if any(d < 0 for d in shape):
-        raise InvalidInput(f"shape must not have negative dimensions, got {list(shape)}")
+        raise InvalidInput(f"shape must not have negative dimensions, got {shown(list(shape))}")
+    if any(d > MAX_DIM for d in shape) or _count(list(shape)) > MAX_ELEMENTS:
+        raise InvalidInput(f"shape {shown(list(shape))} is too large: at most {MAX_DIM} per dimension and "
+                           f"{MAX_ELEMENTS} elements")
     return [int(d) for d in shape]
 
 
 def check_datatype(datatype) -> str:
-    if datatype not in KNOWN_DATATYPES:
-        raise InvalidInput(f"unknown datatype {datatype!r}; the protocol's are {', '.join(sorted(KNOWN_DATATYPES))}")
+    if not isinstance(datatype, str) or datatype not in KNOWN_DATATYPES:
+        raise InvalidInput(f"unknown datatype {shown(datatype)}; the protocol's are {', '.join(sorted(KNOWN_DATATYPES))}")
     return datatype
 
 
@@ -131,11 +136,17 @@ def from_json(datatype: str, shape: list[int], data) -> np.ndarray | list[bytes]
     if datatype not in NUMPY_DTYPES:
         raise InvalidInput(f"datatype {datatype} is not supported here")
     try:
-        arr = np.asarray(data, dtype=np.float64 if datatype.startswith("FP") else None)
-    except (ValueError, TypeError):
+        # No dtype given: strings, booleans in a number tensor and integers past 64 bits then
+        # show up as the array's kind instead of being converted (or overflowing).
+        arr = np.asarray(data)
+    except (ValueError, TypeError, RecursionError):
         raise InvalidInput("input 'data' is not a rectangular list of numbers") from None
-    if arr.dtype == object or (arr.size and arr.dtype.kind not in "biuf"):
-        raise InvalidInput("input 'data' must hold numbers only")
+    allowed = "b" if datatype == "BOOL" else "iuf"
+    if arr.size and arr.dtype.kind not in allowed:
+        raise InvalidInput(f"input 'data' must hold {'booleans' if datatype == 'BOOL' else 'numbers'} only "
+                           f"(JSON numbers within 64 bits for {datatype}, not strings or booleans)")
+    if datatype.startswith("FP"):
+        arr = arr.astype(np.float64)
     if arr.size != n:
         raise InvalidInput(f"shape {shape} needs {n} elements, 'data' holds {arr.size}")
     target = NUMPY_DTYPES[datatype]
@@ -337,7 +348,7 @@ def check_outputs(request: InferRequest, model) -> None:
     known = [o["name"] for o in model_outputs(model)]
     for o in request.outputs:
         if o.name not in known:
-            raise InvalidInput(f"unknown output {o.name!r}; this model produces {', '.join(known)}")
+            raise InvalidInput(f"unknown output {shown(o.name)}; this model produces {', '.join(known)}")
 
 
 def infer_response(request: InferRequest, model, pred) -> InferResponse:
@@ -349,7 +360,7 @@ def infer_response(request: InferRequest, model, pred) -> InferResponse:
         outputs = []
         for o in request.outputs:
             if o.name not in produced:
-                raise InvalidInput(f"unknown output {o.name!r}; this model produces {', '.join(produced)}")
+                raise InvalidInput(f"unknown output {shown(o.name)}; this model produces {', '.join(produced)}")
             outputs.append(_with_binary(produced[o.name], request.binary_output if o.binary is None else o.binary))
     return InferResponse(model.name, model.version, outputs, response_parameters(pred), request.id, pred)
 

@@ -32,7 +32,7 @@ import uvicorn
 from bdserve.serve.grpc_drain import DrainGate
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
-from bdserve.serve.guard import HttpGuard
+from bdserve.serve.guard import GuardedH11Protocol
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
 from bdserve.serve.pipeline import DefendedModel
 from bdserve.serve.service import InferenceService
@@ -198,11 +198,10 @@ class Server:
         await self.service.start()
         sock = _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
-        self.guard = HttpGuard(create_app(self.service, max_body_bytes=cfg.max_body_bytes),
-                               max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s,
-                               max_uploads=cfg.max_uploads)
+        self.guard = create_app(self.service, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s,
+                                max_uploads=cfg.max_uploads)
         self._uvicorn = _Uvicorn(uvicorn.Config(
-            self.guard, log_level=cfg.log_level, access_log=False, lifespan="off",
+            self.guard, log_level=cfg.log_level, access_log=False, lifespan="off", http=GuardedH11Protocol,
             timeout_graceful_shutdown=cfg.grace_s,  # (_Uvicorn.shutdown keeps its own deadline)
         ))
         self._http_task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))

@@ -19,8 +19,10 @@ import torch
 from bdserve import __version__ as _version
 from bdserve.serve import oip
 from bdserve.serve.batching import Batcher
-from bdserve.serve.errors import InvalidInput, NotFound
+from bdserve.serve.budget import PixelBudget, declared_pixels
+from bdserve.serve.errors import InvalidInput, ModelUnavailable, NotFound, shown
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
+from bdserve.serve.images import DEFAULT_MAX_PIXELS
 from bdserve.serve.pipeline import DefendedModel
 
 SERVER_NAME = "bdserve"
@@ -30,10 +32,13 @@ EXTENSIONS = ["binary_tensor_data"]
 
 class InferenceService:
     def __init__(self, models: dict[str, DefendedModel], *, max_batch_size: int = 32,
-                 max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None):
+                 max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None,
+                 broken: dict[str, str] | None = None, pixel_budget: int = 2 * DEFAULT_MAX_PIXELS):
+        """``broken``: models of the store that failed to load (name -> why); they answer as not ready."""
         if not models:
             raise ValueError("no models to serve")
         self.models = models
+        self.broken = dict(broken or {})
         self.metrics = metrics or Metrics()
         self.batchers = {
             name: Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
@@ -43,6 +48,8 @@ class InferenceService:
         for m in models.values():
             self.metrics.describe_model(m)
         self.max_request_images = max_queue_images
+        # Decoded pixels in flight across every request and door (a 140 KiB PNG may declare 49 MP).
+        self.pixels = PixelBudget(pixel_budget)
         self.ready = False
 
     async def start(self) -> None:
@@ -58,9 +65,11 @@ class InferenceService:
     def get(self, name: str, version: str | None = None) -> DefendedModel:
         model = self.models.get(name)
         if model is None:
-            raise NotFound(f"unknown model {name!r}; this server has: {', '.join(sorted(self.models))}")
+            if name in self.broken:
+                raise ModelUnavailable(f"model {shown(name)} is not ready: it failed to load: {self.broken[name]}")
+            raise NotFound(f"unknown model {shown(name)}; this server has: {', '.join(sorted(self.models))}")
         if version not in (None, "") and str(version) != model.version:
-            raise NotFound(f"model {name!r} has no version {version!r} (served version: {model.version})")
+            raise NotFound(f"model {shown(name)} has no version {shown(version)} (served version: {model.version})")
         return model
 
     def metric_name(self, name: str) -> str:
@@ -99,7 +108,11 @@ class InferenceService:
         if t.datatype == "BYTES":
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
                 raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
-            return await asyncio.to_thread(model.decode, list(t.value))
+            blobs = list(t.value)
+            # An image over the per-image limit is refused by the decoder before any pixel is decoded.
+            pixels = sum(min(declared_pixels(b), model.max_pixels) for b in blobs)
+            async with self.pixels.reserve(pixels):
+                return await asyncio.to_thread(model.decode, blobs)
         if t.datatype not in ("UINT8", "FP32"):
             raise InvalidInput(f"datatype {t.datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
         return model.from_array(t.value)

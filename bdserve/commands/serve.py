@@ -49,7 +49,10 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: its own choice)."),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch CPU threads for decoding and the defense (default 1: ONNX Runtime's pool does the heavy work, and two pools fighting over few cores slow both)."),
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
-        grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
+        grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish; the process exits within it."),
+        body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", help="An HTTP request's whole body must arrive within this, else 408."),
+        max_uploads: int = typer.Option(256, "--max-uploads", help="HTTP request bodies read or held at once; beyond, 503."),
+        pixel_budget: Optional[int] = typer.Option(None, "--pixel-budget", help="Decoded pixels in flight across all requests (default: 2 x --max-pixels); beyond, requests wait, then 503."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
     ) -> None:
         """Serve defended models over HTTP (Open Inference Protocol v2, TorchServe-style /predictions, /metrics) and gRPC."""
@@ -67,20 +70,28 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(torch_threads)
         store = model_store or default_store()
         limit = int(max_body_mb * 1024 * 1024)
+        broken: dict[str, str] = {}  # a broken model is reported once; the good ones are served
         try:
-            models = load_models(store, model, defense=defense, backend=backend, device=device, lab=lab,
-                                 detect=detect, max_pixels=max_pixels, threads=threads)
+            models = load_models(store, model, broken=broken, defense=defense, backend=backend, device=device,
+                                 lab=lab, detect=detect, max_pixels=max_pixels, threads=threads)
         except (FileNotFoundError, ValueError, InvalidInput) as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        for name, why in broken.items():
+            typer.echo(f"error: model {name} not served (answers 'not ready'): {why}", err=True)
+        if not models:
+            typer.echo(f"error: no model in {store} could be loaded", err=True)
             raise typer.Exit(2)
         for m in models.values():
             typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
                        f"{', lab' if lab else ''}{', detect' if detect else ''}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                                   max_queue_images=max_queue)
+                                   max_queue_images=max_queue, broken=broken,
+                                   pixel_budget=pixel_budget or 2 * max_pixels)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
-                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level)
+                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s,
+                             body_timeout_s=body_timeout_s, max_uploads=max_uploads, log_level=log_level)
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
         # Everything is answered and every connection closed: skip the interpreter's teardown
