@@ -56,10 +56,11 @@ class DefenseNotAllowed(InvalidInput):
     grpc_code = "PERMISSION_DENIED"
 
 
-def shown(value, limit: int = 64) -> str:
-    """A client's value as an error message may echo it: repr, at most ``limit`` characters, and
-    no markup (``<`` ``>`` ``&`` escaped), so an answer never reflects what a page could render."""
-    text = repr(value)
+def shown(value, limit: int = 64, quoted: bool = True) -> str:
+    """A client's value as an error message may echo it: repr (or the text, unquoted), at most
+    ``limit`` characters, and no markup (``<`` ``>`` ``&`` escaped), so an answer never reflects
+    what a page could render."""
+    text = repr(value) if quoted or not isinstance(value, str) else value
     if len(text) > limit:
         text = text[:limit - 3] + "..."
     return text.replace("&", "\\x26").replace("<", "\\x3c").replace(">", "\\x3e")

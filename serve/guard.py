@@ -65,9 +65,11 @@ class HttpGuard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                early = body is not None and not body.done  # an error before the whole body came: the
-                # rest of it would be read as the next request, so the connection ends with the answer
-                if (early or self.closing) and not _closes(message):
+                # A body refused half-read (too slow, too large) is not worth reading to its end: the
+                # connection ends with the answer. (Other early answers keep it: uvicorn discards the
+                # rest of the body, and closing over unread bytes would reset the answer away.)
+                cut = body is not None and not body.done and message["status"] in (408, 413)
+                if (cut or self.closing) and not _closes(message):
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 

@@ -13,6 +13,7 @@ would cost more than the inference).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -118,10 +119,10 @@ def describe(e: ValidationError, limit: int = 3) -> str:
     parts = []
     for err in e.errors()[:limit]:
         where = ".".join(str(p) for p in err["loc"]) or "(body)"
-        msg = err["msg"]
+        msg = re.sub(r" or instance of \w+", "", err["msg"])  # pydantic's class names mean nothing to a client
         if err["type"] == "missing":
-            parts.append(f"request field {shown(where, 80)}: required")
+            parts.append(f"request field {shown(where, 80, quoted=False)}: required")
         else:
-            parts.append(f"request field {shown(where, 80)}: {msg} (got {shown(err.get('input'))})")
+            parts.append(f"request field {shown(where, 80, quoted=False)}: {msg} (got {shown(err.get('input'))})")
     more = len(e.errors()) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

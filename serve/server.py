@@ -29,6 +29,7 @@ from pathlib import Path
 
 import uvicorn
 
+from bdserve.serve.budget import bound_heap
 from bdserve.serve.grpc_drain import DrainGate
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
@@ -183,6 +184,7 @@ class Server:
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._stop: asyncio.Event | None = None
+        self.shutdown_s = 0.0
 
     @property
     def http_url(self) -> str:
@@ -195,6 +197,7 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         self._stop = asyncio.Event()
+        bound_heap()  # large buffers go back to the system when freed
         await self.service.start()
         sock = _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
@@ -232,6 +235,7 @@ class Server:
 
     async def shutdown(self) -> None:
         """Everything accepted is answered, and this returns within ``grace_s`` (plus a few ms)."""
+        t0 = time.monotonic()
         deadline = time.monotonic() + self.config.grace_s - exit_margin_s(self.config.grace_s)
         self.guard.closing = True  # every answer from now on closes its connection
         self._uvicorn.deadline, self._uvicorn.settle = deadline, settle_s(self.config.grace_s)
@@ -241,6 +245,7 @@ class Server:
             waits.append(self._stop_grpc(deadline))
         await asyncio.gather(*waits, return_exceptions=True)
         await self.service.stop()
+        self.shutdown_s = time.monotonic() - t0
 
     async def _stop_grpc(self, deadline: float) -> None:
         await self._grpc_standard.draining()  # health says NOT_SERVING while calls drain
@@ -262,7 +267,7 @@ async def serve_forever(service: InferenceService, config: ServeConfig, announce
     if server.grpc_target:
         announce(f"gRPC listening on {server.grpc_target}")
     await server.wait()
-    announce("stopped")
+    announce(f"stopped ({server.shutdown_s:.2f} s after the signal)")
     return 0
 
 

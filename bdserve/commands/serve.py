@@ -94,10 +94,10 @@ def register(app: typer.Typer) -> None:
                              body_timeout_s=body_timeout_s, max_uploads=max_uploads, log_level=log_level)
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
-        # Everything is answered and every connection closed: skip the interpreter's teardown
-        # (seconds of garbage collection over torch and ONNX Runtime objects), so that the
-        # process ends within the grace period.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+            # Everything is answered and every connection closed: skip the event loop's and the
+            # interpreter's teardown (joining idle worker threads, then seconds of garbage
+            # collection over torch and ONNX Runtime objects), so the process ends within the grace period.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from bdserve.serve import oip
-from bdserve.serve.evaluation.retry import PermanentError, TransientError
+from bdserve.serve.evaluation.retry import PermanentError, TransientError, Unreachable
 
 TRANSIENT_HTTP = {429, 502, 503, 504}
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -132,7 +132,9 @@ class _HttpBase(Client):
     async def _request(self, method: str, path: str, **kw):
         try:
             r = await self.http.request(method, path, **kw)
-        except self._httpx.TransportError as e:  # refused, reset, timed out: the request had no answer
+        except (self._httpx.ConnectError, self._httpx.ConnectTimeout) as e:  # no server there
+            raise Unreachable(f"cannot connect to {self.address}: {type(e).__name__}: {e or 'connection failed'}") from None
+        except self._httpx.TransportError as e:  # reset, timed out: the request had no answer
             raise TransientError(f"{type(e).__name__}: {e or 'connection failed'}") from None
         if r.status_code in TRANSIENT_HTTP:
             raise TransientError(f"HTTP {r.status_code}: {_error_text(r)}")
@@ -271,6 +273,8 @@ class GrpcClient(Client):
             return await method(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
             code = e.code()
+            if code == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "").lower():
+                raise Unreachable(f"cannot connect to {self.address}: gRPC {code.name}: {e.details()}") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise TransientError(f"gRPC {code.name}: {e.details()}") from None
             raise PermanentError(f"gRPC {code.name}: {e.details()}") from None

@@ -11,7 +11,8 @@ from bdserve.card import ModelCard
 from bdserve.serve.evaluation import plots, report
 from bdserve.serve.evaluation.clients import open_client
 from bdserve.serve.evaluation.heldout import build_sets
-from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
+from bdserve.serve.evaluation.retry import (CircuitBreaker, CircuitOpen, EndpointUnreachable, PermanentError,
+                                            RetryPolicy, with_retries)
 from bdserve.serve.evaluation.runner import run_sets
 
 
@@ -39,18 +40,26 @@ async def evaluate(cfg: EvalConfig) -> dict:
                            timeout_s=cfg.timeout_s) as client:
         if any(d is not None for d in cfg.defenses) and not client.can_choose_defense:
             raise ValueError(f"{client.scheme} endpoints apply their own defense; drop --defenses")
-        await with_retries(client.connect, cfg.retry)  # the server may still be starting
+        breaker = CircuitBreaker()  # one for the whole evaluation: a dead server stops it in seconds
+        try:
+            await with_retries(client.connect, cfg.retry, breaker=breaker)  # the server may still be starting
+        except CircuitOpen:
+            raise EndpointUnreachable(f"nothing answers at {cfg.endpoint} ({breaker.last}); is the server running "
+                                      "and --endpoint right?") from None
         for d in cfg.defenses:  # one uncounted probe each: a non-lab server refuses at once, not per batch
             if d is not None:
                 try:
                     await with_retries(lambda: client.infer_tensor(clean.images[:1], d), cfg.retry)
                 except PermanentError as e:
                     raise ValueError(f"the server refused defense {d!r}: {e}") from None
-        rows = []
+        rows, partial = [], None
         for d in cfg.defenses:
             run = await run_sets(client, sets, defense=d, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-                                 policy=cfg.retry, description=f"eval {d or 'server defense'}")
+                                 policy=cfg.retry, description=f"eval {d or 'server defense'}", breaker=breaker)
             rows.append(report.defense_row(run, len(card.classes), target))
+            if run.interrupted or run.stopped:  # report what was measured, say why the rest is missing
+                partial = "interrupted (SIGINT)" if run.interrupted else f"stopped: {run.stopped}"
+                break
         detect = client.detect
     return {
         "endpoint": cfg.endpoint, "transport": client.scheme, "model": cfg.model, "card": str(cfg.card),
@@ -61,6 +70,7 @@ async def evaluate(cfg: EvalConfig) -> dict:
         "server_detects": detect, "clean_images": len(clean), "triggered_images": 0 if trig is None else len(trig),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows, "table1_row": report.table1_row(cfg.model, rows),
+        **({"partial": partial} if partial else {}),
     }
 
 

@@ -119,6 +119,9 @@ def markdown(report: dict) -> str:
              f"(limit {report['limit']}, seed {report['seed']}); batch {report['batch_size']}, "
              f"{report['concurrency']} in flight. Accuracy and ASR are over answered images, errors apart; "
              "brackets are 95% Wilson intervals.", ""]
+    if report.get("partial"):
+        lines += [f"**Partial report: the run was {report['partial']}.** Images without an answer are counted "
+                  "as errors; defenses after the stop are missing.", ""]
     head = ["defense", "clean acc %", "ASR %", "images", "errors", "retries", "img/s", "p50/p95/p99 ms"]
     if detect:
         head += ["detected %", "false alarms %"]

@@ -20,9 +20,10 @@ from bdserve.progress import progress_bar
 from bdserve.specs import canonical_spec
 from bdserve.serve.evaluation.clients import Answer, Client
 from bdserve.serve.evaluation.heldout import HeldOut
-from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
+from bdserve.serve.evaluation.retry import CircuitBreaker, PermanentError, RetryPolicy, with_retries
 
 NO_ANSWER = -1
+INTERRUPTED = "not sent: the run was interrupted"
 
 
 @dataclass
@@ -51,6 +52,8 @@ class RunResult:
     defense: str | None  # what was asked (None: the server's own)
     sets: dict[str, SetResult]
     seconds: float
+    interrupted: bool = False  # SIGINT / cancelled: the sets hold what was answered until then
+    stopped: str | None = None  # why the run stopped early (the circuit breaker), else None
 
     @property
     def images(self) -> int:
@@ -63,7 +66,8 @@ def canonical(spec: str | None) -> str | None:
 
 
 async def ask(call: Callable[[], Awaitable[Answer]], policy: RetryPolicy, want: str | None,
-              on_retry: Callable[[Exception], None] | None = None) -> tuple[Answer, float]:
+              on_retry: Callable[[Exception], None] | None = None,
+              breaker: CircuitBreaker | None = None) -> tuple[Answer, float]:
     """One request with retries: (the answer, its last attempt's seconds). Raises PermanentError,
     also when the server says it applied another defense than ``want`` (canonical spec)."""
     timing = {}
@@ -74,7 +78,7 @@ async def ask(call: Callable[[], Awaitable[Answer]], policy: RetryPolicy, want: 
         timing["last"] = time.perf_counter() - t0
         return answer
 
-    answer = await with_retries(attempt, policy, on_retry)
+    answer = await with_retries(attempt, policy, on_retry, breaker)
     if want is not None and answer.defense is not None and answer.defense != want:
         raise PermanentError(f"asked for defense {want!r}, the server applied {answer.defense!r} "
                              "(is it running with --lab?)")
@@ -82,8 +86,15 @@ async def ask(call: Callable[[], Awaitable[Answer]], policy: RetryPolicy, want: 
 
 
 async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None = None, batch_size: int = 256,
-                   concurrency: int = 4, policy: RetryPolicy = RetryPolicy(), description: str = "eval") -> RunResult:
-    """Send every set through ``client`` under one defense; the sets share the in-flight budget."""
+                   concurrency: int = 4, policy: RetryPolicy = RetryPolicy(), description: str = "eval",
+                   breaker: CircuitBreaker | None = None) -> RunResult:
+    """Send every set through ``client`` under one defense; the sets share the in-flight budget.
+
+    ``breaker`` (one per run by default) stops the run once the server has been unreachable
+    several times in a row: every batch not yet answered then fails at once, instead of each
+    spending its own retries on a dead server. Cancelled (SIGINT), the run returns what was
+    answered so far, with ``interrupted`` set and the rest counted as errors."""
+    breaker = breaker if breaker is not None else CircuitBreaker()
     if client.max_batch_size is not None:
         batch_size = min(batch_size, client.max_batch_size)
     want = canonical(defense)
@@ -100,7 +111,7 @@ async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None =
 
                 try:
                     answer, seconds = await ask(lambda: client.infer_tensor(s.images[start:stop], defense),
-                                                policy, want, retried)
+                                                policy, want, retried, breaker)
                 except PermanentError as e:
                     res.errors[str(e)] += stop - start
                 else:
@@ -115,7 +126,20 @@ async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None =
                 advance(stop - start)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(s, results[s.name], i, min(i + batch_size, len(s)))
-                               for s in sets for i in range(0, len(s), batch_size)))
+        interrupted = False
+        try:
+            await asyncio.gather(*(one(s, results[s.name], i, min(i + batch_size, len(s)))
+                                   for s in sets for i in range(0, len(s), batch_size)))
+        except asyncio.CancelledError:
+            interrupted = True  # keep what was answered; the caller writes a partial report
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            for res in results.values():
+                counted = sum(res.errors.values())
+                missing = int((~res.answered).sum()) - counted
+                if missing > 0:
+                    res.errors[INTERRUPTED] += missing
         seconds = time.perf_counter() - t0
-    return RunResult(defense, results, seconds)
+    stopped = f"the server was unreachable: {breaker.last}" if breaker.open else None
+    return RunResult(defense, results, seconds, interrupted, stopped)

@@ -71,16 +71,17 @@ def answers(socks: list[socket.socket], until: float) -> tuple[list[bytes], int]
 
 
 def test_stalled_uploads_get_408_and_a_good_request_stays_fast(served_store, rng):
-    from bdserve.serve.server import BackgroundServer, ServeConfig, load_models
-    from bdserve.serve.service import InferenceService
+    """200 connections declare 100 KB and send 4 bytes (a server of its own, in its own process,
+    as deployed): all get 408 or are closed soon after the body timeout; meanwhile a good request
+    takes under a second."""
+    from bdserve.testing import ServeProcess
 
-    service = InferenceService(load_models(served_store, ["tiny"], threads=1), max_queue_delay_ms=2)
-    config = ServeConfig(http_port=0, grpc_port=None, grace_s=2, body_timeout_s=BODY_TIMEOUT_S)  # default limits
-    with BackgroundServer(service, config) as srv:
+    with ServeProcess(served_store, ["tiny"], "--body-timeout-s", str(BODY_TIMEOUT_S), "--threads", "1",
+                      "--max-queue-delay-ms", "2") as srv:
         good_request(srv.http_url, rng)  # warm
-        t0 = time.monotonic()
         socks = stalled(srv.http_port, 200)
-        time.sleep(0.3)  # all 200 are now held, mid-body
+        t0 = time.monotonic()  # every stalled request is sent by now
+        time.sleep(0.3)
         latencies = [good_request(srv.http_url, rng) for _ in range(3)]
         got, still_open = answers(socks, until=t0 + BODY_TIMEOUT_S + 3.0)
         assert still_open == 0, f"{still_open} stalled connections outlived the body timeout"
@@ -89,7 +90,6 @@ def test_stalled_uploads_get_408_and_a_good_request_stays_fast(served_store, rng
         assert sum(g.startswith(b"HTTP/1.1 408") for g in got) >= 190  # closed silently: only a few
         assert b'"error"' in next(g for g in got if g) and b"did not arrive within" in next(g for g in got if g)
         assert max(latencies) < 1.0, latencies
-        assert srv.guard.uploads == 0 and srv.guard.upload_bytes == 0  # every place given back
         good_request(srv.http_url, rng)
 
 
@@ -197,8 +197,15 @@ def test_sigterm_answers_every_accepted_call_and_exits_within_grace(served_store
     from collections import Counter
 
     assert code == 0, "".join(srv.output)
-    assert (http_codes, grpc_codes) == (["200"] * 32, ["OK"] * 32), (Counter(http_codes), Counter(grpc_codes))
-    assert exit_s < grace_s, f"exit took {exit_s:.2f} s after SIGTERM (grace {grace_s} s)"
+    assert exit_s < grace_s, f"exit took {exit_s:.2f} s after SIGTERM (grace {grace_s} s); server: {srv.output[-1:]}"
+    # Every call gets an answer: a result, or - only for what still runs when the grace period
+    # ends - the JSON 503 / gRPC CANCELLED of a server that must go. Never a reset or silence.
+    finished = ["200"] * 32, ["OK"] * 32
+    if grace_s >= 1:  # with time enough, every accepted call is answered with its result
+        assert (http_codes, grpc_codes) == finished, (Counter(http_codes), Counter(grpc_codes))
+    else:
+        assert set(http_codes) <= {"200", "503"} and set(grpc_codes) <= {"OK", "CANCELLED: CANCELLED"}, (
+            Counter(http_codes), Counter(grpc_codes))
 
 
 def test_after_the_grace_period_a_running_request_gets_a_json_503(served_store):

@@ -1,0 +1,78 @@
+"""`bdserve eval` against a server that is not there, dies mid-run, or is interrupted: it answers
+in one line, stops after a few failed connections instead of retrying every batch, and keeps a
+partial report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from bdserve.testing import ServeProcess, bdserve_command, free_port
+from eval_helpers import run_eval
+
+
+def _eval_cmd(url, card_dir, card, cifar_dir, out, *extra) -> list[str]:
+    return [*bdserve_command(), "eval", "--endpoint", url, "--model", card.name, "--card", str(card_dir / "card.json"),
+            "--data", str(cifar_dir), "--out", str(out), *extra]
+
+
+def test_no_server_is_one_line_and_quick(tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
+    t0 = time.monotonic()
+    r = run_eval(*_eval_cmd(f"http://127.0.0.1:{free_port()}", tiny_badnets_dir, tiny_card, cifar_dir, tmp_path,
+                            "--limit", "50")[2:], timeout=60)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: nothing answers at http://127.0.0.1:"), r.stderr
+    assert elapsed < 20, elapsed  # five failed connections with backoff, not 8 attempts per batch
+
+
+def _slow_server(tiny_badnets_dir):
+    # Each request waits 1.5 s for batch-mates: a run of many small batches takes a while.
+    return ServeProcess(tiny_badnets_dir.parent, [tiny_badnets_dir.name], "--threads", "1",
+                        "--max-queue-delay-ms", "1500", "--max-batch-size", "4096").start()
+
+
+def _run_until(cmd, env, started_after_s: float, act) -> tuple[subprocess.CompletedProcess, float]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(started_after_s)
+    t_act = time.monotonic()
+    act(proc)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.monotonic() - t_act
+
+
+def test_sigint_keeps_a_partial_report(tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
+    srv = _slow_server(tiny_badnets_dir)
+    try:
+        cmd = _eval_cmd(srv.http_url, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path, "--limit", "400",
+                        "--batch-size", "16", "--concurrency", "1")
+        r, took = _run_until(cmd, {**os.environ, "BDSERVE_PROGRESS": "0"}, 12.0,
+                             lambda p: p.send_signal(signal.SIGINT))
+    finally:
+        srv.stop()
+    assert took < 10, took
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["partial"] == "interrupted (SIGINT)", rep.get("partial")
+    row = rep["rows"][0]
+    assert 0 < row["clean"]["images"] - row["clean"]["errors"] < 400  # some answered, not all
+    assert "Partial report" in (tmp_path / "report.md").read_text()
+
+
+def test_server_dying_mid_run_trips_the_breaker(tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
+    srv = _slow_server(tiny_badnets_dir)
+    cmd = _eval_cmd(srv.http_url, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path, "--limit", "400",
+                    "--batch-size", "16", "--concurrency", "2")
+    try:
+        r, took = _run_until(cmd, {**os.environ, "BDSERVE_PROGRESS": "0"}, 12.0, lambda p: srv.proc.kill())
+    finally:
+        srv.stop()
+    assert took < 30, took  # about 12 s per remaining batch before the breaker: minutes
+    assert r.returncode == 1, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["partial"].startswith("stopped: the server was unreachable"), rep.get("partial")
+    row = rep["rows"][0]
+    assert row["clean"]["errors"] > 0 and row["clean"]["images"] > row["clean"]["errors"]
