@@ -32,7 +32,7 @@ def tiny_badnets_dir(tmp_path_factory, cifar_dir) -> Path:
     env = {**os.environ, "BDSERVE_PROGRESS": "0", "BDSERVE_DATA": str(cifar_dir)}
     proc = subprocess.run(
         [sys.executable, "-m", "bdserve.cli", "train", *TINY_TRAIN_ARGS, "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=1800,  # a hang guard (see pyproject)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
