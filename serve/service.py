@@ -33,7 +33,7 @@ EXTENSIONS = ["binary_tensor_data"]
 class InferenceService:
     def __init__(self, models: dict[str, DefendedModel], *, max_batch_size: int = 32,
                  max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None,
-                 broken: dict[str, str] | None = None, pixel_budget: int = 2 * DEFAULT_MAX_PIXELS):
+                 broken: dict[str, str] | None = None, pixel_budget: int = DEFAULT_MAX_PIXELS):
         """``broken``: models of the store that failed to load (name -> why); they answer as not ready."""
         if not models:
             raise ValueError("no models to serve")

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish; the process exits within it."),
         body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", help="An HTTP request's whole body must arrive within this, else 408."),
         max_uploads: int = typer.Option(256, "--max-uploads", help="HTTP request bodies read or held at once; beyond, 503."),
-        pixel_budget: Optional[int] = typer.Option(None, "--pixel-budget", help="Decoded pixels in flight across all requests (default: 2 x --max-pixels); beyond, requests wait, then 503."),
+        pixel_budget: Optional[int] = typer.Option(None, "--pixel-budget", help="Decoded pixels in flight across all requests (default: --max-pixels, one largest image at a time); beyond, requests wait up to 10 s, then 503."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
     ) -> None:
         """Serve defended models over HTTP (Open Inference Protocol v2, TorchServe-style /predictions, /metrics) and gRPC."""
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                                    max_queue_images=max_queue, broken=broken,
-                                   pixel_budget=pixel_budget or 2 * max_pixels)
+                                   pixel_budget=pixel_budget or max_pixels)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s,
                              body_timeout_s=body_timeout_s, max_uploads=max_uploads, log_level=log_level)

@@ -10,8 +10,22 @@ import signal
 import subprocess
 import time
 
-from bdserve.testing import ServeProcess, bdserve_command, free_port
+import pytest
+
+from bdserve.card import ModelCard
+from bdserve.testing import ServeProcess, bdserve_command, build_tiny_model_dir, free_port
 from eval_helpers import run_eval
+
+
+@pytest.fixture(scope="module")
+def tiny_badnets_dir(tmp_path_factory):
+    """An untrained tiny model (no training needed: these tests are about the client, not accuracy)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("dead") / "untrained", name="untrained")
+
+
+@pytest.fixture(scope="module")
+def tiny_card(tiny_badnets_dir):
+    return ModelCard.load(tiny_badnets_dir)
 
 
 def _eval_cmd(url, card_dir, card, cifar_dir, out, *extra) -> list[str]:
@@ -57,8 +71,8 @@ def test_sigint_keeps_a_partial_report(tiny_badnets_dir, tiny_card, cifar_dir, t
     assert took < 10, took
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["partial"] == "interrupted (SIGINT)", rep.get("partial")
-    row = rep["rows"][0]
-    assert 0 < row["clean"]["images"] - row["clean"]["errors"] < 400  # some answered, not all
+    clean = rep["rows"][0]["clean"]
+    assert 0 < clean["images"] - clean["errors"] < clean["images"]  # some answered, not all
     assert "Partial report" in (tmp_path / "report.md").read_text()
 
 
@@ -74,5 +88,5 @@ def test_server_dying_mid_run_trips_the_breaker(tiny_badnets_dir, tiny_card, cif
     assert r.returncode == 1, r.stdout + r.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["partial"].startswith("stopped: the server was unreachable"), rep.get("partial")
-    row = rep["rows"][0]
-    assert row["clean"]["errors"] > 0 and row["clean"]["images"] > row["clean"]["errors"]
+    clean = rep["rows"][0]["clean"]
+    assert 0 < clean["errors"] < clean["images"]
