@@ -50,12 +50,23 @@ def _slow_server(tiny_badnets_dir):
                         "--max-queue-delay-ms", "1500", "--max-batch-size", "4096").start()
 
 
-def _run_until(cmd, env, started_after_s: float, act) -> tuple[subprocess.CompletedProcess, float]:
+def _answered(srv) -> float:
+    total = 0.0
+    for line in srv.metrics_text().splitlines():
+        if line.startswith("bdserve_requests_total{") and 'code="200"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _run_until(cmd, env, srv, act) -> tuple[subprocess.CompletedProcess, float]:
+    """Start the eval; once the server has answered a few of its batches, ``act``."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(started_after_s)
+    deadline = time.monotonic() + 120
+    while _answered(srv) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
     t_act = time.monotonic()
     act(proc)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.monotonic() - t_act
 
 
@@ -64,11 +75,11 @@ def test_sigint_keeps_a_partial_report(tiny_badnets_dir, tiny_card, cifar_dir, t
     try:
         cmd = _eval_cmd(srv.http_url, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path, "--limit", "400",
                         "--batch-size", "16", "--concurrency", "1")
-        r, took = _run_until(cmd, {**os.environ, "BDSERVE_PROGRESS": "0"}, 12.0,
+        r, took = _run_until(cmd, {**os.environ, "BDSERVE_PROGRESS": "0"}, srv,
                              lambda p: p.send_signal(signal.SIGINT))
     finally:
         srv.stop()
-    assert took < 10, took
+    assert took < 10, (took, r.stdout[-500:], r.stderr[-1000:])
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["partial"] == "interrupted (SIGINT)", rep.get("partial")
     clean = rep["rows"][0]["clean"]
@@ -81,7 +92,7 @@ def test_server_dying_mid_run_trips_the_breaker(tiny_badnets_dir, tiny_card, cif
     cmd = _eval_cmd(srv.http_url, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path, "--limit", "400",
                     "--batch-size", "16", "--concurrency", "2")
     try:
-        r, took = _run_until(cmd, {**os.environ, "BDSERVE_PROGRESS": "0"}, 12.0, lambda p: srv.proc.kill())
+        r, took = _run_until(cmd, {**os.environ, "BDSERVE_PROGRESS": "0"}, srv, lambda p: srv.proc.kill())
     finally:
         srv.stop()
     assert took < 30, took  # about 12 s per remaining batch before the breaker: minutes
