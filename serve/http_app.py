@@ -72,7 +72,7 @@ def _internal(model: str) -> JSONResponse:
 
 
 def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY, body_timeout_s: float = 30.0,
-               max_uploads: int = 256) -> HttpGuard:
+               max_uploads: int = 256, lab_keep=None) -> HttpGuard:
     """The FastAPI app behind its guard (``.app`` is the FastAPI app)."""
     # The OpenAPI document (no docs pages) is what standard fuzzers and client generators read.
     app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
@@ -138,6 +138,9 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     async def predictions(name: str, request: Request):
         return await _observed(service, name, _predictions(service, name, request))
 
+    from bdserve.serve.lab import mount_lab  # late: lab.py builds on this module
+
+    mount_lab(app, service, lab_keep)  # the photo lab, on a --lab server only
     _with_request_schemas(app)
     return HttpGuard(app, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, max_uploads=max_uploads)
 

@@ -52,6 +52,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # the whole HTTP body must arrive within this (else 408)
     max_uploads: int = 256  # HTTP bodies read or held at once (beyond: 503)
     log_level: str = "warning"
+    lab_keep: Path | None = None  # --lab-keep: the photo lab appends each upload and answer here
 
 
 def model_dirs(store: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -202,7 +203,7 @@ class Server:
         sock = _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
         self.guard = create_app(self.service, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s,
-                                max_uploads=cfg.max_uploads)
+                                max_uploads=cfg.max_uploads, lab_keep=cfg.lab_keep)
         self._uvicorn = _Uvicorn(uvicorn.Config(
             self.guard, log_level=cfg.log_level, access_log=False, lifespan="off", http=GuardedH11Protocol,
             timeout_graceful_shutdown=cfg.grace_s,  # (_Uvicorn.shutdown keeps its own deadline)

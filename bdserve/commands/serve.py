@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
         max_queue_delay_ms: float = typer.Option(5.0, "--max-queue-delay-ms", help="Longest a request waits for batch-mates."),
         max_queue: int = typer.Option(4096, "--max-queue", help="Most images queued per model; beyond, requests get 503 / UNAVAILABLE."),
         detect: bool = typer.Option(False, "--detect", help="Also predict the undefended input; flag and count disagreements as suspected triggers (a second forward pass)."),
-        lab: bool = typer.Option(False, "--lab", help="Evaluation lab: let requests choose the defense (parameter 'defense'). Never in production."),
+        lab: bool = typer.Option(False, "--lab", help="Evaluation lab: let requests choose the defense (parameter 'defense') and serve the photo lab page at /lab. Never in production."),
+        lab_keep: Optional[Path] = typer.Option(None, "--lab-keep", help="With --lab: append every photo the lab page analyses, and its answer, to DIR (labels.csv, as `bdserve eval --photos` reads). Default: nothing is stored."),
         max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
         max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest decoded image, in pixels (decompression-bomb guard)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: its own choice)."),
@@ -69,6 +70,16 @@ def register(app: typer.Typer) -> None:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         store = model_store or default_store()
+        if lab_keep is not None:
+            from bdserve.serve.lab_keep import LabKeeper
+
+            try:
+                if not lab:
+                    raise ValueError("--lab-keep needs --lab")
+                LabKeeper(lab_keep)  # checked now: a bad folder is a startup error, not a failed upload
+            except (ValueError, OSError) as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2)
         limit = int(max_body_mb * 1024 * 1024)
         broken: dict[str, str] = {}  # a broken model is reported once; the good ones are served
         try:
@@ -91,7 +102,8 @@ def register(app: typer.Typer) -> None:
                                    pixel_budget=pixel_budget or max_pixels)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s,
-                             body_timeout_s=body_timeout_s, max_uploads=max_uploads, log_level=log_level)
+                             body_timeout_s=body_timeout_s, max_uploads=max_uploads, log_level=log_level,
+                             lab_keep=lab_keep)
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
             # Everything is answered and every connection closed: skip the event loop's and the
