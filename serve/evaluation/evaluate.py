@@ -11,8 +11,8 @@ from bdserve.card import ModelCard
 from bdserve.serve.evaluation import plots, report
 from bdserve.serve.evaluation.clients import open_client
 from bdserve.serve.evaluation.heldout import build_sets
-from bdserve.serve.evaluation.retry import (CircuitBreaker, CircuitOpen, EndpointUnreachable, PermanentError,
-                                            RetryPolicy, with_retries)
+from bdserve.serve.evaluation.retry import (CircuitBreaker, EndpointUnreachable, PermanentError, RetriesExhausted,
+                                            RetryPolicy, Unreachable, with_retries)
 from bdserve.serve.evaluation.runner import run_sets
 
 
@@ -40,12 +40,15 @@ async def evaluate(cfg: EvalConfig) -> dict:
                            timeout_s=cfg.timeout_s) as client:
         if any(d is not None for d in cfg.defenses) and not client.can_choose_defense:
             raise ValueError(f"{client.scheme} endpoints apply their own defense; drop --defenses")
-        breaker = CircuitBreaker()  # one for the whole evaluation: a dead server stops it in seconds
+        # The server may still be starting: connecting is bounded by --retries, not the breaker.
         try:
-            await with_retries(client.connect, cfg.retry, breaker=breaker)  # the server may still be starting
-        except CircuitOpen:
-            raise EndpointUnreachable(f"nothing answers at {cfg.endpoint} ({breaker.last}); is the server running "
-                                      "and --endpoint right?") from None
+            await with_retries(client.connect, cfg.retry)
+        except RetriesExhausted as e:
+            if isinstance(e.last, Unreachable):
+                raise EndpointUnreachable(f"nothing answers at {cfg.endpoint} ({e.last}); is the server running "
+                                          "and --endpoint right?") from None
+            raise
+        breaker = CircuitBreaker()  # one for the whole evaluation: a server dying mid-run stops it in seconds
         for d in cfg.defenses:  # one uncounted probe each: a non-lab server refuses at once, not per batch
             if d is not None:
                 try:

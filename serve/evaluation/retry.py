@@ -28,7 +28,11 @@ class PermanentError(Exception):
 
 
 class RetriesExhausted(PermanentError):
-    """Every attempt failed transiently."""
+    """Every attempt failed transiently; ``last`` is the last of those failures."""
+
+    def __init__(self, message: str, last: Exception | None = None):
+        super().__init__(message)
+        self.last = last
 
 
 class Unreachable(TransientError):
@@ -104,4 +108,4 @@ async def with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy,
             if breaker is not None:
                 breaker.record(None)
             return result
-    raise RetriesExhausted(f"gave up after {policy.attempts} attempts: {last}")
+    raise RetriesExhausted(f"gave up after {policy.attempts} attempts: {last}", last)
