@@ -42,6 +42,7 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. {"none": {"clean_acc":..,"asr":..}, ...}
     attack: dict[str, Any] | None = None  # kind, trigger, target, poison_rate, enhanced, max_shrink, seed
     training: dict[str, Any] = field(default_factory=dict)  # data, epochs, schedule, seed, wall time, device
+    detection: dict[str, Any] | None = None  # calibrated trigger detectors (bdserve calibrate; serve/detection.py)
     schema_version: int = CARD_SCHEMA_VERSION
 
     # pydantic reads this when validating the dataclass: unknown fields are errors, and a

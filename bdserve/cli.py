@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "serve",
     "import_model",
     "eval",
+    "calibrate",
     "physical",
     "study",
 ]

@@ -56,6 +56,14 @@ class DefenseNotAllowed(InvalidInput):
     grpc_code = "PERMISSION_DENIED"
 
 
+class SuspectedTrigger(ServeError):
+    """A server started with ``--on-suspect reject`` refuses images its calibrated trigger
+    detectors flag (HTTP 422, gRPC FAILED_PRECONDITION): the input, not the server, is the problem."""
+
+    http_status = 422
+    grpc_code = "FAILED_PRECONDITION"
+
+
 def shown(value, limit: int = 64, quoted: bool = True) -> str:
     """A client's value as an error message may echo it: repr (or the text, unquoted), at most
     ``limit`` characters, and no markup (``<`` ``>`` ``&`` escaped), so an answer never reflects

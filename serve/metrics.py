@@ -17,6 +17,9 @@ _MAX_LABEL_CHARS = 64  # and each label short
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Trigger scores are margins over the calibrated threshold (serve/detection.py): 0 is the
+# threshold (flagged above), -1 a typical clean image.
+_MARGIN = (-4, -2, -1.5, -1, -0.75, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 4, 8)
 
 
 class Metrics:
@@ -43,8 +46,16 @@ class Metrics:
         self.model_info = Info("bdserve_model", "Served model", ["model"], registry=r)
         self.predictions = Counter("bdserve_predictions", "Top-1 predictions by class", ["model", "label"], registry=r)
         self.suspected = Counter("bdserve_suspected_triggers",
-                                 "Images whose defended and undefended predictions disagree (--detect)",
-                                 ["model"], registry=r)
+                                 "Images a calibrated trigger detector flags (--detect)", ["model"], registry=r)
+        self.trigger_score = Histogram(
+            "bdserve_trigger_score", "Trigger score per image and detector: margin over the calibrated threshold "
+            "(> 0 flagged, -1 the clean median)", ["model", "method"], buckets=_MARGIN, registry=r)
+        self.false_alarm_ratio = Gauge(
+            "bdserve_detection_false_alarm_ratio",
+            "Share of clean images the served detectors flag, as calibrated (bdserve calibrate)", ["model"], registry=r)
+        self.rejected = Counter("bdserve_suspected_rejections",
+                                "Requests refused because an image was flagged (--on-suspect reject)", ["model"],
+                                registry=r)
 
     def describe_model(self, model) -> None:
         self.model_info.labels(model=model.name).info({
@@ -54,6 +65,10 @@ class Metrics:
         self.inflight.labels(model=model.name)
         if model.detect:
             self.suspected.labels(model=model.name)
+            self.rejected.labels(model=model.name)
+            self.false_alarm_ratio.labels(model=model.name).set(model.detection.expected_far)
+            for method in model.detect_methods:
+                self.trigger_score.labels(model=model.name, method=method)
 
     def observe_request(self, model: str, protocol: str, code: str | int, seconds: float) -> None:
         self.requests.labels(model=model, protocol=protocol, code=str(code)).inc()
@@ -68,6 +83,10 @@ class Metrics:
             self.predictions.labels(model=model.name, label=label).inc()
         if pred.suspected is not None:
             self.suspected.labels(model=model.name).inc(int(pred.suspected.sum()))
+        for method in pred.detector_methods:
+            hist = self.trigger_score.labels(model=model.name, method=method)
+            for v in pred.detector_score(method):
+                hist.observe(float(v))
 
     def _defense_label(self, model, spec: str) -> str:
         seen = self._defense_labels.setdefault(model.name, {model.defense_spec})

@@ -294,9 +294,17 @@ class PerImageOutput:
 RESPONSE_PARAMETERS: tuple[ResponseParameter, ...] = (
     ResponseParameter(DEFENSE, "X-Bdserve-Defense", "defense"),
 )
+# The trigger detectors a server may run (bdserve.transforms.detectors.DETECTORS; a test keeps them equal).
+TRIGGER_DETECTORS = ("consistency", "strip", "scaleup")
+
 PER_IMAGE_OUTPUTS: tuple[PerImageOutput, ...] = (
     PerImageOutput("suspected_trigger", "BOOL", "X-Bdserve-Suspected-Trigger", "suspected",
                    produced_by=lambda model: model.detect, summary=lambda v: bool(np.any(v))),
+    # The margin over the calibrated threshold (> 0: suspected), the largest of the detectors'.
+    PerImageOutput("trigger_score", "FP32", "X-Bdserve-Trigger-Score", "trigger_score",
+                   produced_by=lambda model: model.detect, summary=lambda v: float(np.max(v))),
+    *(PerImageOutput(f"trigger_score_{m}", "FP32", f"X-Bdserve-Trigger-Score-{m.capitalize()}", f"trigger_score_{m}",
+                     produced_by=lambda model, m=m: m in model.detect_methods) for m in TRIGGER_DETECTORS),
 )
 _PER_IMAGE = {o.name: o for o in PER_IMAGE_OUTPUTS}
 
@@ -427,7 +435,8 @@ def parameter_value(v) -> tuple[str, Any]:
     if isinstance(v, (int, np.integer)):
         return "int64_param", int(v)
     if isinstance(v, (float, np.floating)):
-        return "double_param", float(v)
+        # KServe's InferParameter has no double (Triton's has): a float travels as its shortest repr.
+        return "string_param", repr(float(v))
     return "string_param", str(v)
 
 

@@ -4,7 +4,10 @@ evaluation) calls. Nothing else decodes, defends or postprocesses.
     bytes --decode/fit--> uint8 (B,3,H,W) ---.
     UINT8 / FP32 array --from_array----------+--> predict: to device -> float [0,1]
         -> DEFENSE (per-sample draws) -> normalize (unless in the graph) -> runtime
-        -> softmax -> Prediction(probs, labels, defense, suspected)
+        -> softmax -> Prediction(probs, labels, defense)
+    with --detect, the undefended batch and the detectors' views of it (transforms/detectors.py)
+        go through the same runtime call -> trigger scores (margins over the calibrated
+        thresholds, serve/detection.py) and the suspected flags, in the same Prediction
 
 The shape follows KServe's Model (load / preprocess / predict / postprocess), but
 every step is synchronous and thread-safe for one caller at a time, so the
@@ -23,17 +26,20 @@ import logging
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from bdserve.card import CARD_FILE, ModelCard
+from bdserve.serve.detection import CLASSIFY_CHUNK, Detection, load_detection
 from bdserve.serve.errors import DefenseNotAllowed, InvalidInput
 from bdserve.serve.images import DEFAULT_MAX_PIXELS, decode_images
 from bdserve.serve.runtimes import Runtime, open_runtime
 from bdserve.settings import pick_device
 from bdserve.transforms import create_defense
 from bdserve.transforms.base import Transform
+from bdserve.transforms.detectors import score_batch
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,10 @@ class Prediction:
     label_ids: np.ndarray  # int64 (B,)
     labels: list[str]
     defense: str  # spec of the defense applied
-    suspected: np.ndarray | None = None  # bool (B,): defended and undefended top-1 disagree (detect mode)
+    suspected: np.ndarray | None = None  # bool (B,): a calibrated detector flags the image (--detect)
+    trigger_score: np.ndarray | None = None  # float32 (B,): max of the detectors' margins; > 0 = suspected
+    detector_scores: np.ndarray | None = None  # float32 (B, M): each detector's margin (0 = its threshold)
+    detector_methods: tuple[str, ...] = ()  # the M detectors, in detector_scores' column order
     timings: dict[str, float] = field(default_factory=dict)  # seconds: defense, inference (whole batch)
 
     def __len__(self) -> int:
@@ -61,22 +70,34 @@ class Prediction:
                for f in fields(self) for v in [getattr(self, f.name)]}
         return Prediction(**cut)
 
+    def detector_score(self, method: str) -> np.ndarray | None:
+        """One detector's margins (B,), or None when it did not run."""
+        if self.detector_scores is None or method not in self.detector_methods:
+            return None
+        return self.detector_scores[:, self.detector_methods.index(method)]
+
+    # One per-image output per detector (oip.PER_IMAGE_OUTPUTS reads these by name).
+    trigger_score_consistency = property(lambda self: self.detector_score("consistency"))
+    trigger_score_strip = property(lambda self: self.detector_score("strip"))
+    trigger_score_scaleup = property(lambda self: self.detector_score("scaleup"))
+
 
 class DefendedModel:
     """A classifier wrapped with its test-time defense. Build it with ``DefendedModel.load``."""
 
     def __init__(self, card: ModelCard, runtime: Runtime, *, defense: str | None = None,
-                 device: torch.device | None = None, lab: bool = False, detect: bool = False,
+                 device: torch.device | None = None, lab: bool = False, detection: Detection | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         """``defense`` None: the card's; ``device`` None: where the runtime runs. In-process
-        evaluation is ``DefendedModel(card, TorchRuntime(module), lab=True).predict(...)``."""
+        evaluation is ``DefendedModel(card, TorchRuntime(module), lab=True).predict(...)``.
+        ``detection``: calibrated trigger detectors (serve/detection.py), scored in every batch."""
         self.card = card
         self.runtime = runtime
         device = runtime.device if device is None else device
         defense = card.defense if defense is None else defense
         self.device = device
         self.lab = lab
-        self.detect = detect
+        self.detection = detection
         self.max_pixels = max_pixels
         # Where JPEGs decode: on the GPU (nvjpeg) when the model's device is one, else Pillow on the CPU.
         self.decode_device: torch.device | None = device if device.type == "cuda" else None
@@ -98,7 +119,7 @@ class DefendedModel:
     # ----------------------------------------------------------------- loading
     @classmethod
     def load(cls, model_dir: str | Path, *, defense: str | None = None, backend: str = "auto",
-             device: str | torch.device = "auto", lab: bool = False, detect: bool = False,
+             device: str | torch.device = "auto", lab: bool = False, detect: str | Sequence[str] | None = None,
              class_names: list[str] | None = None, mean: list[float] | None = None,
              std: list[float] | None = None, input_size: tuple[int, int] | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None) -> "DefendedModel":
@@ -107,7 +128,8 @@ class DefendedModel:
         ``defense`` None means the card's. Without a card the input shape comes from
         the ONNX graph (or ``input_size``), class names from ``class_names`` (else
         ``class_0 ..``) and normalisation from ``mean``/``std`` (else none: the graph
-        is assumed to take [0, 1] input). Arguments given override the card.
+        is assumed to take [0, 1] input). Arguments given override the card. ``detect``
+        names calibrated detectors ("consistency,strip"); NotCalibrated if the card lacks them.
         """
         model_dir = Path(model_dir)
         dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -118,7 +140,9 @@ class DefendedModel:
                                           classes=class_names, mean=mean, std=std)
         except ValueError as e:
             raise ValueError(f"{model_dir}: {e}") from None
-        model = cls(card, runtime, defense=defense, device=dev, lab=lab, detect=detect, max_pixels=max_pixels)
+        model = cls(card, runtime, defense=defense, device=dev, lab=lab, max_pixels=max_pixels)
+        if detect:
+            model.detection = load_detection(model_dir, card, detect, defense=model.defense_spec)
         log.info("loaded %s v%s: %s, defense %s", card.name, card.version, runtime.describe(), model.defense_spec)
         return model
 
@@ -134,6 +158,14 @@ class DefendedModel:
     @property
     def classes(self) -> list[str]:
         return self.card.classes
+
+    @property
+    def detect(self) -> bool:
+        return self.detection is not None
+
+    @property
+    def detect_methods(self) -> list[str]:
+        return [] if self.detection is None else self.detection.methods
 
     @property
     def backend(self) -> str:
@@ -246,20 +278,25 @@ class DefendedModel:
             t0 = time.perf_counter()
             xd = d(x, generator)
             t1 = time.perf_counter()
-            # Detect mode: the undefended batch rides in the same forward pass.
-            logits = self._forward(torch.cat([xd, x]) if self.detect else xd)
+            if self.detection is None:
+                probs = self.classify(xd)
+            else:
+                # The detectors' views of the undefended batch ride in the same batched call.
+                (probs,), raw = score_batch(self.detection.detectors, x, self.classify, also=[xd])
             t2 = time.perf_counter()
-            probs = _to_probs(logits)
-        b = x.shape[0]
-        ids = probs[:b].argmax(1)
-        suspected = None
-        if self.detect:
-            suspected = (ids != probs[b:].argmax(1)).numpy()
-        ids_np = ids.numpy()
-        return Prediction(
-            probs=probs[:b].numpy(), label_ids=ids_np, labels=[self.classes[i] for i in ids_np],
-            defense=d.spec, suspected=suspected, timings={"defense": t1 - t0, "inference": t2 - t1},
-        )
+        ids_np = probs.argmax(1).numpy()
+        pred = Prediction(probs=probs.numpy(), label_ids=ids_np, labels=[self.classes[i] for i in ids_np],
+                          defense=d.spec, timings={"defense": t1 - t0, "inference": t2 - t1})
+        if self.detection is not None:
+            per, pred.trigger_score, pred.suspected = self.detection.judge(raw)
+            pred.detector_methods = tuple(per)
+            pred.detector_scores = np.stack(list(per.values()), axis=1)
+        return pred
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """float [0, 1] batch on self.device -> probabilities on the host, in runtime calls of
+        bounded size (the detectors' views multiply a batch by tens)."""
+        return torch.cat([_to_probs(self._forward(c)) for c in torch.split(x, CLASSIFY_CHUNK)])
 
     def postprocess(self, pred: Prediction, top_k: int = 5) -> list[dict[str, float]]:
         """TorchServe-style: one {class: probability} dict of the top_k classes per image."""

@@ -5,7 +5,8 @@ turns the ``oip.InferResponse`` back into its wire format. Here the request's in
 becomes a tensor, its defense is resolved once (the Transform object then travels
 through the batcher into ``DefendedModel.predict``), and the answer is assembled by
 oip. Lookup errors, bad inputs and refused defenses arrive as ``InvalidInput``
-subclasses, a full queue as ``Overloaded`` (all ``ServeError``).
+subclasses, a full queue as ``Overloaded``, and, with ``on_suspect="reject"``, a request
+holding an image the trigger detectors flag as ``SuspectedTrigger`` (all ``ServeError``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bdserve import __version__ as _version
 from bdserve.serve import oip
 from bdserve.serve.batching import Batcher
 from bdserve.serve.budget import PixelBudget, declared_pixels
-from bdserve.serve.errors import InvalidInput, ModelUnavailable, NotFound, shown
+from bdserve.serve.errors import InvalidInput, ModelUnavailable, NotFound, SuspectedTrigger, shown
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
 from bdserve.serve.images import DEFAULT_MAX_PIXELS
 from bdserve.serve.pipeline import DefendedModel
@@ -30,13 +31,21 @@ SERVER_VERSION = _version if isinstance(_version, str) else "0"
 EXTENSIONS = ["binary_tensor_data"]
 
 
+# What a server does with an image its trigger detectors flag: answer it and say so, or refuse it.
+ON_SUSPECT = ("flag", "reject")
+
+
 class InferenceService:
     def __init__(self, models: dict[str, DefendedModel], *, max_batch_size: int = 32,
                  max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None,
-                 broken: dict[str, str] | None = None, pixel_budget: int = DEFAULT_MAX_PIXELS):
+                 on_suspect: str = "flag", broken: dict[str, str] | None = None,
+                 pixel_budget: int = DEFAULT_MAX_PIXELS):
         """``broken``: models of the store that failed to load (name -> why); they answer as not ready."""
         if not models:
             raise ValueError("no models to serve")
+        if on_suspect not in ON_SUSPECT:
+            raise ValueError(f"on_suspect must be one of {', '.join(ON_SUSPECT)}, not {on_suspect!r}")
+        self.on_suspect = on_suspect
         self.models = models
         self.broken = dict(broken or {})
         self.metrics = metrics or Metrics()
@@ -94,6 +103,13 @@ class InferenceService:
             pred = await self.batchers[model.name].submit(x, defense)
         finally:
             gauge.dec()
+        if self.on_suspect == "reject" and pred.suspected is not None and pred.suspected.any():
+            self.metrics.rejected.labels(model=model.name).inc()
+            flagged = [int(i) for i in pred.suspected.nonzero()[0]]
+            raise SuspectedTrigger(
+                f"refused: the trigger detectors of model {model.name} flag image(s) {flagged[:20]} of this request "
+                f"as a likely backdoor trigger (score {float(pred.trigger_score.max()):.3g} > 0; "
+                f"this server rejects suspected inputs)")
         return oip.infer_response(request, model, pred)
 
     async def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor:

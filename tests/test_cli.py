@@ -51,3 +51,4 @@ def test_demo_serves_the_model_and_sends_requests(tiny_badnets_dir, cifar_dir):
     assert "Requests through the live service" in out
     assert 'bdserve_requests_total{code="200",model="' in out
     assert "POST /predictions/" in out and "-> 200" in out
+    assert "--detect scaleup" in out and "trigger score" in out  # calibrated on the way (none in the card)

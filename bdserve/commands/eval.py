@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         retries: int = typer.Option(8, "--retries", help="Attempts per request for transient failures (connection, 503, UNAVAILABLE)."),
         timeout_s: float = typer.Option(120.0, "--timeout", help="Seconds per request."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, report.md and PNG figures here."),
+        detect: bool = typer.Option(False, "--detect", help="Also measure the server's trigger detectors (it runs --detect): AUROC, TPR at 1%/5% FPR, false-alarm rate at the calibrated threshold, ROC curves."),
     ) -> None:
         """Evaluate a served model from outside, as traffic arrives: accuracy, ASR, errors, latency."""
         from bdserve.card import ModelCard
@@ -43,6 +44,8 @@ def register(app: typer.Typer) -> None:
         mc = ModelCard.load(card)
         try:
             if photos is not None:
+                if detect:
+                    raise ValueError("--detect measures the test split; --photos reports the served flag per photo")
                 ds = _defenses(defenses)
                 if len(ds) != 1:
                     raise ValueError("--photos takes at most one defense in --defenses")
@@ -51,7 +54,7 @@ def register(app: typer.Typer) -> None:
             from bdserve.serve.evaluation.evaluate import EvalConfig, run, write_outputs
 
             cfg = EvalConfig(endpoint, model, card, data or data_dir(), limit, seed, _defenses(defenses),
-                             batch_size, concurrency, timeout_s, policy)
+                             batch_size, concurrency, timeout_s, policy, detect=detect)
             rep = run(cfg)
         except (ValueError, FileNotFoundError) as e:
             typer.echo(f"error: {e}", err=True)

@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most images per executed batch."),
         max_queue_delay_ms: float = typer.Option(5.0, "--max-queue-delay-ms", help="Longest a request waits for batch-mates."),
         max_queue: int = typer.Option(4096, "--max-queue", help="Most images queued per model; beyond, requests get 503 / UNAVAILABLE."),
-        detect: bool = typer.Option(False, "--detect", help="Also predict the undefended input; flag and count disagreements as suspected triggers (a second forward pass)."),
+        detect: Optional[str] = typer.Option(None, "--detect", metavar="METHOD[,METHOD]", help="Score every image with calibrated trigger detectors (consistency, strip, scaleup; see `bdserve calibrate`) and flag those over the threshold. Costs forward passes: the card says how many."),
+        on_suspect: str = typer.Option("flag", "--on-suspect", help="With --detect: flag (answer, and say so) or reject (HTTP 422 / gRPC FAILED_PRECONDITION) requests holding a flagged image."),
         lab: bool = typer.Option(False, "--lab", help="Evaluation lab: let requests choose the defense (parameter 'defense') and serve the photo lab page at /lab. Never in production."),
         lab_keep: Optional[Path] = typer.Option(None, "--lab-keep", help="With --lab: append every photo the lab page analyses, and its answer, to DIR (labels.csv, as `bdserve eval --photos` reads). Default: nothing is stored."),
         max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
@@ -81,6 +82,10 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(2)
         limit = int(max_body_mb * 1024 * 1024)
+        if on_suspect not in ("flag", "reject"):
+            raise typer.BadParameter(f"--on-suspect is flag or reject, not {on_suspect!r}")
+        if on_suspect == "reject" and not detect:
+            raise typer.BadParameter("--on-suspect reject needs --detect METHOD")
         broken: dict[str, str] = {}  # a broken model is reported once; the good ones are served
         try:
             models = load_models(store, model, broken=broken, defense=defense, backend=backend, device=device,
@@ -94,11 +99,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: no model in {store} could be loaded", err=True)
             raise typer.Exit(2)
         for m in models.values():
+            detecting = f", detect {m.detection.describe()}, {on_suspect} suspects" if m.detect else ""
             typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
-                       f"{', lab' if lab else ''}{', detect' if detect else ''}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
+                       f"{', lab' if lab else ''}{detecting}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                                   max_queue_images=max_queue, broken=broken,
+                                   max_queue_images=max_queue, on_suspect=on_suspect, broken=broken,
                                    pixel_budget=pixel_budget or max_pixels)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s,

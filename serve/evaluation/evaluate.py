@@ -10,6 +10,7 @@ from pathlib import Path
 from bdserve.card import ModelCard
 from bdserve.serve.evaluation import plots, report
 from bdserve.serve.evaluation.clients import open_client
+from bdserve.serve.evaluation.detection import roc_figure, served_detection
 from bdserve.serve.evaluation.heldout import build_sets
 from bdserve.serve.evaluation.retry import (CircuitBreaker, EndpointUnreachable, PermanentError, RetriesExhausted,
                                             RetryPolicy, Unreachable, with_retries)
@@ -29,6 +30,7 @@ class EvalConfig:
     concurrency: int = 4
     timeout_s: float = 120.0
     retry: RetryPolicy = RetryPolicy()
+    detect: bool = False  # measure the server's trigger detectors (AUROC, TPR at FPR, FAR) on the first run
 
 
 async def evaluate(cfg: EvalConfig) -> dict:
@@ -49,17 +51,24 @@ async def evaluate(cfg: EvalConfig) -> dict:
                                           "and --endpoint right?") from None
             raise
         breaker = CircuitBreaker()  # one for the whole evaluation: a server dying mid-run stops it in seconds
+        if cfg.detect and not client.detect:
+            raise ValueError(f"--detect: model {cfg.model} at {cfg.endpoint} sends no trigger scores; serve it with "
+                             "`bdserve serve --detect consistency,strip,scaleup` (after `bdserve calibrate`)")
+        if cfg.detect and trig is None:
+            raise ValueError("--detect needs triggered images: the card has no attack (trigger and target)")
         for d in cfg.defenses:  # one uncounted probe each: a non-lab server refuses at once, not per batch
             if d is not None:
                 try:
                     await with_retries(lambda: client.infer_tensor(clean.images[:1], d), cfg.retry)
                 except PermanentError as e:
                     raise ValueError(f"the server refused defense {d!r}: {e}") from None
-        rows, partial = [], None
+        rows, partial, detection = [], None, None
         for d in cfg.defenses:
             run = await run_sets(client, sets, defense=d, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
                                  policy=cfg.retry, description=f"eval {d or 'server defense'}", breaker=breaker)
             rows.append(report.defense_row(run, len(card.classes), target))
+            if cfg.detect and detection is None:  # the detectors do not depend on the defense asked
+                detection = served_detection(run, attack_name(card))
             if run.interrupted or run.stopped:  # report what was measured, say why the rest is missing
                 partial = "interrupted (SIGINT)" if run.interrupted else f"stopped: {run.stopped}"
                 break
@@ -74,7 +83,13 @@ async def evaluate(cfg: EvalConfig) -> dict:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows, "table1_row": report.table1_row(cfg.model, rows),
         **({"partial": partial} if partial else {}),
+        **({} if detection is None else {"detection": {"rows": detection[0]}, "_detection_curves": detection[1]}),
     }
+
+
+def attack_name(card: ModelCard) -> str:
+    a = card.attack or {}
+    return f"{a.get('kind', 'attack')}{'+' if a.get('enhanced') else ''}"
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -82,7 +97,11 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def write_outputs(rep: dict, out: Path, classes: list[str]) -> dict[str, Path]:
+    curves = rep.pop("_detection_curves", None)  # raw scores: plotted, not stored in report.json
     paths = report.write(rep, out)
+    if curves:
+        paths["roc_png"] = roc_figure([(f"{rep['model']}: {rep['detection']['rows'][0]['attack']}", curves)],
+                                      out / "roc.png", f"trigger detectors through {rep['transport']}")
     title = f"{rep['model']} through {rep['transport']}"
     paths["defenses_png"] = plots.defenses_chart(rep["rows"], title, out / "defenses.png")
     paths["confusion_png"] = plots.confusion_chart(rep["rows"], classes, f"{title}: clean confusion", out / "confusion.png")

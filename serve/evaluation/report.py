@@ -144,6 +144,14 @@ def markdown(report: dict) -> str:
     if reasons:
         lines += ["", "## Errors", ""] + [f"- {n} images: {msg}" for msg, n in reasons.items()]
     lines += ["", "## Table 1 row", "", report["table1_row"], ""]
+    if report.get("detection"):
+        from bdserve.serve.evaluation.detection import markdown_rows
+
+        lines += ["## Trigger detection (eval --detect)", "",
+                  "Scores as served (margins over the calibrated thresholds: flagged above 0). AUROC with a 95% "
+                  "bootstrap interval; TPR at 1% and 5% false-alarm rate on these clean images; false-alarm and "
+                  "detection rates at the calibrated threshold. ROC curves: roc.png.", ""]
+        lines += markdown_rows(report["detection"]["rows"]) + [""]
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ class SetResult:
     requests: int = 0
     retries: int = 0
     applied: Counter = field(default_factory=Counter)  # defense the server said it applied -> images
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # float per-image outputs (trigger scores); NaN: no answer
 
     @property
     def answered(self) -> np.ndarray:
@@ -120,6 +121,9 @@ async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None =
                         if res.suspected is None:
                             res.suspected = np.zeros(len(res.labels), dtype=bool)
                         res.suspected[start:stop] = answer.suspected
+                    for name, v in answer.per_image.items():
+                        if np.asarray(v).dtype.kind == "f":
+                            res.scores.setdefault(name, np.full(len(res.labels), np.nan))[start:stop] = v
                     res.applied[answer.defense or "?"] += stop - start
                     res.latencies_s.append(seconds)
                 res.requests += 1

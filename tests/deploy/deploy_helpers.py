@@ -37,6 +37,9 @@ METRICS = {
     "bdserve_model_info": "gauge",
     "bdserve_predictions_total": "counter",
     "bdserve_suspected_triggers_total": "counter",
+    "bdserve_trigger_score": "histogram",
+    "bdserve_detection_false_alarm_ratio": "gauge",
+    "bdserve_suspected_rejections_total": "counter",
 }
 HEALTH_READY = "/v2/health/ready"
 HEALTH_LIVE = "/v2/health/live"

@@ -17,16 +17,29 @@ from in_process import predictions
 LIMIT = 200
 
 
+def detected(model_dir, card, data, limit) -> dict:
+    """In-process suspected flags of the evaluation's clean and triggered images."""
+    import torch
+
+    from bdserve.serve.evaluation.heldout import build_sets
+    from bdserve.serve.pipeline import DefendedModel
+
+    model = DefendedModel.load(model_dir, detect="consistency,strip,scaleup", defense="flip", threads=1)
+    clean, trig = build_sets(card, data, limit, 0)
+    return {s.name: model.predict(torch.from_numpy(s.images)).suspected for s in (clean, trig)}
+
+
 def _args(url, card_dir, card, cifar_dir, out, *extra):
     return ["--endpoint", url, "--model", card.name, "--card", str(card_dir / "card.json"), "--data", str(cifar_dir),
             "--out", str(out), *extra]
 
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
-def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path):
+def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir, tiny_detect_dir, tiny_card,
+                                           cifar_dir, tmp_path):
     url = tiny_server["http"] if scheme == "http" else "grpc://" + tiny_server["grpc"]
     r = run_eval(*_args(url, tiny_badnets_dir, tiny_card, cifar_dir, tmp_path, "--limit", str(LIMIT),
-                        "--defenses", "none,flip", "--batch-size", "64", "--concurrency", "3"))
+                        "--defenses", "none,flip", "--batch-size", "64", "--concurrency", "3", "--detect"))
     assert r.returncode == 0, r.stdout + r.stderr
     rep = read_report(tmp_path)
     assert rep["transport"] == scheme and rep["server_detects"] is True
@@ -43,12 +56,20 @@ def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir
         assert t["asr"]["ci95"][0] <= t["asr"]["rate"] <= t["asr"]["ci95"][1]
         lat = row["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
-    # --detect flags an image when the defended and undefended top-1 differ: never under "none",
-    # and under flip exactly where the in-process flip and none predictions differ.
-    assert rows["none"]["detection"]["detection_rate"]["k"] == 0
-    assert rows["none"]["detection"]["false_alarm_rate"]["k"] == 0
-    flips = int((ref["flip"]["triggered"] != ref["none"]["triggered"]).sum())
-    assert rows["flip"]["detection"]["detection_rate"]["k"] == flips
+    # --detect: the calibrated detectors score the undefended image, so whatever defense a lab
+    # request asks for, the same images are flagged: exactly those the in-process pipeline flags.
+    flagged = detected(tiny_detect_dir, tiny_card, cifar_dir, LIMIT)
+    for row in rows.values():
+        assert row["detection"]["false_alarm_rate"]["k"] == flagged["clean"].sum()
+        assert row["detection"]["detection_rate"]["k"] == flagged["triggered"].sum()
+    det = {d["detector"]: d["metrics"] for d in rep["detection"]["rows"]}
+    assert list(det) == ["consistency", "strip", "scaleup", "any (served flag)"]
+    served = det["any (served flag)"]["calibrated"]
+    assert served["far"]["k"] == flagged["clean"].sum() and served["tpr"]["k"] == flagged["triggered"].sum()
+    for m in det.values():
+        assert m["clean_images"] == LIMIT and m["auroc_ci95"][0] <= m["auroc"] <= m["auroc_ci95"][1]
+        assert m["at_fpr_1"]["fpr"] <= 0.01 and m["at_fpr_5"]["fpr"] <= 0.05
+    assert "## Trigger detection" in r.stdout and (tmp_path / "roc.png").stat().st_size > 0
     assert f"| {tiny_card.name} |" in r.stdout  # the Table-1 row
     for name in ("report.md", "defenses.png", "confusion.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -1,5 +1,5 @@
 """Fixtures for the photo lab tests: the committed BadNets demo model served by the real CLI
-with --lab, --detect and --lab-keep, and a clean and a triggered PNG of one CIFAR-10 test image."""
+with --lab, --detect scaleup and --lab-keep, and a clean and a triggered PNG of one CIFAR-10 test image."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def keep_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_lab(keep_dir):
-    """`bdserve serve --lab --detect --defense flip --lab-keep DIR` on free loopback ports."""
-    with served(DEMO.parent, [DEMO.name], "--lab", "--detect", "--defense", SERVED_DEFENSE,
+    """`bdserve serve --lab --detect scaleup --defense flip --lab-keep DIR` on free loopback ports
+    (the demo model's detectors are calibrated; SCALE-UP does not depend on the served defense)."""
+    with served(DEMO.parent, [DEMO.name], "--lab", "--detect", "scaleup", "--defense", SERVED_DEFENSE,
                 "--lab-keep", str(keep_dir), "--threads", "1") as addr:
         yield addr
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -102,11 +103,14 @@ def test_page_shows_what_predictions_answers(browser, demo_lab, lab_photos, demo
         shrink = shown_top(article, "shrinkpad:4")  # random placement: only its shape is fixed
         assert len(shrink) == 3 and [p for _, p in shrink] == sorted((p for _, p in shrink), reverse=True)
 
-        # Detection is on: the defended card says whether the top-1 moved.
-        moved = direct[SERVED_DEFENSE][0][0] != direct["none"][0][0]
+        # Detection is on (the calibrated SCALE-UP detector): the defended card shows the flag
+        # that /predictions sends for the same photo; the triggered photo is flagged.
+        suspected = httpx.post(f"{demo_lab['http']}/predictions/demo", content=blob,
+                               timeout=30).headers["X-Bdserve-Suspected-Trigger"] == "true"
+        assert suspected or kind == "clean"
         flag = article.locator(f'section.defense[data-defense="{SERVED_DEFENSE}"] .tag.suspected, '
                                f'section.defense[data-defense="{SERVED_DEFENSE}"] .tag.clear')
-        assert flag.inner_text() == ("suspected trigger" if moved else "not suspected")
+        assert flag.inner_text() == ("suspected trigger" if suspected else "not suspected")
         undefended = direct["none"][0][0]
         if kind == "triggered":  # the demo model's backdoor fires, and the page marks the target
             assert undefended == target

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bdserve.card import ModelCard
-from serve_helpers import FOREIGN_CLASSES, IMAGENET_MEAN, IMAGENET_STD, TINY_CLASSES, TinyNet, export_onnx, start_server
+from serve_helpers import (DETECTORS, FOREIGN_CLASSES, IMAGENET_MEAN, IMAGENET_STD, TINY_CLASSES, TinyNet,
+                           calibrate_store, export_onnx, start_server)
 
 
 @pytest.fixture(scope="session")
@@ -68,9 +69,15 @@ def server(served_store):
 
 
 @pytest.fixture(scope="session")
-def lab_server(served_store):
-    """A lab-mode server with --detect."""
-    with start_server(served_store, lab=True, detect=True) as srv:
+def detect_store(served_store, tmp_path_factory) -> Path:
+    """The served store with every model's trigger detectors calibrated (bdserve calibrate)."""
+    return calibrate_store(served_store, tmp_path_factory.mktemp("detect") / "model_store", np.random.default_rng(5))
+
+
+@pytest.fixture(scope="session")
+def lab_server(detect_store):
+    """A lab-mode server with --detect consistency,strip,scaleup."""
+    with start_server(detect_store, lab=True, detect=DETECTORS) as srv:
         yield srv
 
 

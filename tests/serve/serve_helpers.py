@@ -63,14 +63,38 @@ MAX_BODY = 1 << 20  # 1 MiB: small, so the 413 tests stay cheap
 MAX_PIXELS = 4_000_000
 
 
-def start_server(store: Path, *, lab: bool = False, detect: bool = False, delay_ms: float = 20.0):
+DETECTORS = "consistency,strip,scaleup"
+
+
+def start_server(store: Path, *, lab: bool = False, detect: str | None = None, delay_ms: float = 20.0,
+                 on_suspect: str = "flag"):
     from bdserve.serve.server import BackgroundServer, ServeConfig, load_models
     from bdserve.serve.service import InferenceService
 
     models = load_models(store, lab=lab, detect=detect, max_pixels=MAX_PIXELS, threads=1)
-    service = InferenceService(models, max_batch_size=32, max_queue_delay_ms=delay_ms)
+    service = InferenceService(models, max_batch_size=32, max_queue_delay_ms=delay_ms, on_suspect=on_suspect)
     return BackgroundServer(service, ServeConfig(http_port=0, grpc_port=0, max_body_bytes=MAX_BODY,
                                                  max_message_bytes=MAX_BODY, grace_s=5))
+
+
+def calibrate_store(src: Path, dst: Path, rng, n: int = 224) -> Path:
+    """A copy of the model store ``src`` with every model's detectors calibrated (cheap counts)
+    on ``n`` random images at the model's input size."""
+    import shutil
+
+    import torch
+
+    from bdserve.serve.detection import CalibrationConfig, calibrate
+    from bdserve.serve.pipeline import DefendedModel
+
+    shutil.copytree(src, dst)
+    for d in sorted(p for p in dst.iterdir() if (p / "card.json").exists()):
+        model = DefendedModel.load(d, threads=1)
+        h, w = model.input_size
+        images = torch.from_numpy(np.stack([random_image(rng, h, w) for _ in range(n)])).permute(0, 3, 1, 2)
+        calibrate(model, d, images.contiguous(), CalibrationConfig(
+            fpr=0.05, seed=1, methods="consistency:4,strip:4,scaleup:4"), "random blobs")
+    return dst
 
 
 def bomb_png(width: int = 60000, height: int = 60000) -> bytes:

@@ -82,10 +82,12 @@ def test_analyze_agrees_with_predictions_and_the_pipeline(lab_server, tiny_model
     for row in rows.values():
         probs = [t["probability"] for t in row["top"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-        assert row["trigger_score"] is None  # no trigger scorer on this server
-    # --detect: suspected when the defended top-1 differs from the undefended one
-    assert rows["none"]["suspected"] is False
-    assert rows["flip"]["suspected"] == (rows["flip"]["label"] != rows["none"]["label"])
+    # --detect: the calibrated detectors score the undefended photo, so every defense's row
+    # carries the same flag and score: the ones /predictions sends for it.
+    served = httpx.post(f"{lab_server.http_url}/predictions/tiny", content=photo).headers
+    for row in rows.values():
+        assert row["suspected"] == (served["X-Bdserve-Suspected-Trigger"] == "true")
+        assert np.float32(row["trigger_score"]) == np.float32(float(served["X-Bdserve-Trigger-Score"]))
 
 
 def test_analyze_larger_model_input(lab_server, rng):

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import torch
 
-from serve_helpers import MAX_BODY, bomb_png, decode_raw_output, encode, metric, pack_bytes, random_image
+from serve_helpers import DETECTORS, MAX_BODY, bomb_png, decode_raw_output, encode, metric, pack_bytes, random_image
 
 
 def infer_json(url, model, arr: np.ndarray, datatype="UINT8", **extra):
@@ -248,10 +248,12 @@ def test_concurrent_requests_are_batched(server, rng):
     assert "evil-name-123" not in httpx.get(f"{url}/metrics").text
 
 
-def test_lab_mode_and_detect(lab_server, server, tiny_model, rng):
-    x = rng.integers(0, 256, (16, 3, 32, 32), dtype=np.uint8)
+def test_lab_mode_and_detect(lab_server, server, tiny_model, detect_store):
+    from bdserve.serve.pipeline import DefendedModel
+
+    # Calibration images are smooth blobs; white noise is far from them and often flagged.
+    x = np.random.default_rng(3).integers(0, 256, (16, 3, 32, 32), dtype=np.uint8)
     none = tiny_model.predict(torch.from_numpy(x), defense="none")
-    flip = tiny_model.predict(torch.from_numpy(x))
     body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
             "parameters": {"defense": "none"}}
     assert httpx.post(f"{server.http_url}/v2/models/tiny/infer", json=body).status_code == 403
@@ -262,16 +264,17 @@ def test_lab_mode_and_detect(lab_server, server, tiny_model, rng):
     outs = {o["name"]: o for o in doc["outputs"]}
     assert doc["parameters"]["defense"] == "none"
     assert np.allclose(np.array(outs["probabilities"]["data"]).reshape(16, 10), none.probs, atol=1e-5)
-    # Detect: the server's own defense (flip) against the undefended input.
+    # Detect: the calibrated detectors' flags and scores, the same as in-process.
     body["parameters"] = {}
     doc = httpx.post(f"{lab_server.http_url}/v2/models/tiny/infer", json=body).json()
     outs = {o["name"]: o for o in doc["outputs"]}
-    disagree = flip.label_ids != none.label_ids
-    assert disagree.any()
-    assert outs["suspected_trigger"]["data"] == disagree.tolist()
-    assert doc["parameters"]["suspected_trigger"] is True
+    ref = DefendedModel.load(detect_store / "tiny", detect=DETECTORS, threads=1).predict(torch.from_numpy(x))
+    assert outs["suspected_trigger"]["data"] == ref.suspected.tolist()
+    assert np.array_equal(np.array(outs["trigger_score"]["data"], dtype=np.float32), ref.trigger_score)
+    assert doc["parameters"]["suspected_trigger"] is bool(ref.suspected.any())
     after = metric(httpx.get(f"{lab_server.http_url}/metrics").text, "bdserve_suspected_triggers_total", model="tiny")
-    assert after - before == disagree.sum()
+    # Both requests count: the detectors score the undefended image, whatever defense a request asks for.
+    assert after - before == 2 * ref.suspected.sum()
     bad = httpx.post(f"{lab_server.http_url}/v2/models/tiny/infer", json={**body, "parameters": {"defense": "warp:9"}})
     assert bad.status_code == 400 and "bad defense" in bad.json()["error"]
     bad = httpx.post(f"{lab_server.http_url}/v2/models/tiny/infer", json={**body, "parameters": {"defense": "shrinkpad:99"}})

@@ -109,16 +109,6 @@ def test_defense_is_the_servers_unless_lab(served_store, rng):
     assert over.defense_spec == "shrinkpad:2" and over.predict(x).defense == "shrinkpad:2"
 
 
-def test_detect_flags_disagreement(served_store, rng):
-    m = DefendedModel.load(served_store / "tiny", detect=True, threads=1)
-    x = torch.from_numpy(rng.integers(0, 256, (64, 3, 32, 32), dtype=np.uint8))
-    p = m.predict(x)
-    assert p.suspected is not None and p.suspected.dtype == np.bool_
-    lab = DefendedModel.load(served_store / "tiny", lab=True, threads=1)
-    expect = lab.predict(x).label_ids != lab.predict(x, defense="none").label_ids
-    assert np.array_equal(p.suspected, expect) and expect.any() and not expect.all()
-
-
 def test_seeded_generator_reproduces_random_defense(served_store, rng):
     m = DefendedModel.load(served_store / "tiny", defense="shrinkpad:4", threads=1)
     x = torch.from_numpy(rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
