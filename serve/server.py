@@ -84,8 +84,7 @@ def load_models(store: str | Path, names: list[str] | None = None, *, broken: di
         except Exception as e:  # noqa: BLE001 - ONNX Runtime, torch and card errors alike
             if broken is None:
                 raise
-            broken[d.name] = load_failure(d, e)
-            log.error("model %s not served: %s", d.name, broken[d.name])
+            broken[d.name] = load_failure(d, e)  # the caller reports it (once)
             continue
         models[m.name] = m
     return models
