@@ -26,7 +26,7 @@ def test_good_model_served_broken_ones_reported_and_not_ready(served_store, tmp_
     (store / "truncated" / "model.pt").unlink(missing_ok=True)
     shutil.copytree(served_store / "tiny", store / "badcard")
     card = json.loads((store / "badcard" / "card.json").read_text())
-    (store / "badcard" / "card.json").write_text(json.dumps({**card, "name": 123, "defense": "noise:nan"}))
+    (store / "badcard" / "card.json").write_text(json.dumps({**card, "name": 123}))  # tests/test_card.py: every field
 
     with ServeProcess(store, [], "--threads", "1") as srv:
         banner = "".join(srv.banner)
@@ -40,7 +40,6 @@ def test_good_model_served_broken_ones_reported_and_not_ready(served_store, tmp_
                 assert m.status_code == 503 and m.json()["ready"] is False, m.text
                 r = c.post(f"/v2/models/{name}/infer", json=GOOD)
                 assert r.status_code == 503 and "failed to load" in r.json()["error"]
-            assert "field 'defense'" in c.get("/v2/models/badcard/ready").json()["error"]
             assert c.get("/v2/models/nosuch/ready").status_code == 404
             assert c.get("/v2/health/ready").status_code == 200  # the good model serves
         with grpc.insecure_channel(srv.grpc_target) as ch:
