@@ -5,6 +5,7 @@ inside the commands so that ``bdserve --help`` stays instant."""
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 
@@ -34,6 +35,9 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    from bdserve.commands.train import bare_enhanced_means_shrinkpad
+
+    sys.argv[1:] = bare_enhanced_means_shrinkpad(sys.argv[1:])
     app()
 
 

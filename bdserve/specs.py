@@ -1,8 +1,8 @@
 """The grammar of transform specs, without torch: what ``create_defense`` parses, what
 every transform's ``spec`` prints, and what a client compares a server's answer with.
 
-    none | flip | shrinkpad:K | noise:STD | brightness:B | contrast:C | saturation:S | hue:H
-    (training layers) randomflip:P | randomshrinkpad:K | enhanced:K | randomcrop:P | standard
+    none | flip | shrinkpad:K | noise:STD (0.02, or 5/255) | brightness:B | contrast:C | saturation:S | hue:H
+    (training layers) randomflip:P | randomshrinkpad:K | enhanced:K | randomcrop:P | standard | physical
     and compositions joined by '+', applied left to right, e.g. ``flip+shrinkpad:2``.
 
 A new transform adds its name and value type to ``SPEC_VALUES`` here and its constructor
@@ -12,13 +12,27 @@ to ``bdserve.transforms.defenses._FACTORIES``.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+
+
+def noise_std(text: str) -> float:
+    """A noise standard deviation on the [0, 1] pixel scale: ``0.02``, or the paper's ``5/255``."""
+    try:
+        std = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError, OverflowError):  # 1e309 overflows the float
+        raise ValueError(f"noise std must be a number or a fraction like 5/255, got {text!r}") from None
+    if not 0 <= std <= 1:
+        raise ValueError(f"noise std {text} is off the [0, 1] pixel scale; for 5 of 255 levels write noise:5/255")
+    return std
+
 
 # name -> the type of its value (None: the name takes no value)
 SPEC_VALUES: dict[str, type | None] = {
-    "none": None, "flip": None, "shrinkpad": int, "noise": float,
+    "none": None, "flip": None, "shrinkpad": int, "noise": noise_std,
     "brightness": float, "contrast": float, "saturation": float, "hue": float,
     # the training side: the enhanced attack's random layer and the standard augmentation
     "randomflip": float, "randomshrinkpad": int, "enhanced": int, "randomcrop": int, "standard": None,
+    "physical": None,  # the camera-robust attack's print-and-photograph layer (bdserve.transforms.physical)
 }
 # The defenses a server is meant to apply (help texts, error messages).
 DEFENSE_FORMS = ["none", "flip", "shrinkpad:K", "noise:STD", "brightness:S", "contrast:S", "saturation:S", "hue:S"]
@@ -36,6 +50,8 @@ def format_part(name: str, value: int | float | None = None) -> str:
     """One stage's spec: ``flip``, ``shrinkpad:4``, ``noise:0.05`` (floats in their shortest form)."""
     if value is None:
         return name
+    if name == "noise" and value > 0 and abs(value * 255 - round(value * 255)) < 1e-6:
+        return f"noise:{round(value * 255)}/255"  # the paper's units (Appendix D: 5/255 .. 20/255)
     return f"{name}:{int(value)}" if SPEC_VALUES.get(name) is int else f"{name}:{float(value):g}"
 
 

@@ -57,7 +57,7 @@ def main() -> None:
     with served(args.model_dir.parent, [args.model_dir.name], *flags) as addr:
         banner = addr["banner"]
         for transport in args.transports.split(","):
-            cfg = EvalConfig(addr[transport], card.name, args.model_dir / "card.json", data, args.limit,
+            cfg = EvalConfig(addr[transport], args.model_dir.name, args.model_dir / "card.json", data, args.limit,
                              batch_size=args.batch_size, concurrency=args.concurrency)
             t = time.perf_counter()
             rep = run(cfg)  # builds the sets (stamping 9,000 images) and sends them

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from bdserve.card import ModelCard
 
     card = ModelCard.load(model_dir)
-    name = card.name
+    name = model_dir.name  # served under its directory's name
     defense = args.defense or card.defense
     h, w = card.input_shape[1:]
     images = png_images(64, size=h)

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
           f"defense {args.defense or card.defense}); photos + HTTP tensors + gRPC tensors")
     with bdserve_process(model_dir, defense=args.defense, max_batch_size=32, max_queue_delay_ms=5.0,
                          log_path=work / "bdserve.log") as srv:
-        res = asyncio.run(soak(srv, card.name, card.input_shape, args.clients, args.duration,
+        res = asyncio.run(soak(srv, model_dir.name, card.input_shape, args.clients, args.duration,
                                args.sample_every, args.warmup))
         alive = srv.proc.poll() is None
     res["server_alive_at_end"] = alive

@@ -1,27 +1,31 @@
-"""Reproduce the paper's Tables 1 and 2 in spirit with the `fast` network on all of CIFAR-10.
+"""Reproduce the paper's Tables 1 and 2 in spirit with a CPU network on all of CIFAR-10.
 
 Trains BadNets, Blended, label-consistent and their enhanced versions (epsilon = 4,
-random layer on benign images too, as Appendix C prescribes), evaluates each under
-none / Flip / ShrinkPad-1..4, and writes JSON, a Markdown table and PNG charts to
-experiments/results/. Model directories go to model_store/ (not committed), and a
-run whose model directory already exists is read back instead of retrained, so
-an interrupted experiment resumes where it stopped.
+random layer on benign images too, as Appendix C prescribes), every row with the same
+schedule and epochs, evaluates each under none / Flip / ShrinkPad-1..4, and writes JSON,
+a Markdown table and PNG charts to experiments/results/. Model directories
+(``tables-<attack>[-plus]<tag>``) go to --store, written whole under a temporary name and
+then renamed, so other readers never see half a directory. A run whose directory already
+exists is read back instead of retrained (an interrupted experiment resumes where it
+stopped), but only when its card has the same model and epochs.
 
-    python experiments/tables.py [--epochs 10] [--attacks badnets,blended,consistent]
+    python experiments/tables.py --store /work/models [--epochs 8] [--attacks badnets,blended,consistent]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from bdserve.card import ModelCard
-from bdserve.settings import REPO_ROOT
+from bdserve.settings import REPO_ROOT, model_store
 from bdserve.training.recipe import TrainConfig, run
 
 DEFENSES = ("none", "flip", *(f"shrinkpad:{k}" for k in range(1, 5)))
@@ -30,14 +34,17 @@ RESULTS = REPO_ROOT / "experiments" / "results"
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="fast")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--model", default="fast-air")
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--attacks", default="badnets,blended,consistent")
+    p.add_argument("--standard-only", action="store_true", help="skip the enhanced rows")
     p.add_argument("--device", default="auto")
-    p.add_argument("--store", type=Path, default=REPO_ROOT / "model_store")
+    p.add_argument("--store", type=Path, default=model_store())
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="", help="suffix for result files and model names (e.g. -cuda)")
     p.add_argument("--subset", type=int, default=None, help="train on N images (smoke runs)")
+    p.add_argument("--surrogate", type=Path, default=None,
+                   help="clean model directory to use as the label-consistent surrogate (default: train one)")
     return p.parse_args()
 
 
@@ -46,22 +53,44 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for attack in args.attacks.split(","):
-        for enhanced in (False, True):
-            name = f"{attack}{'-plus' if enhanced else ''}-{args.model}{args.tag}"
+        for enhanced in (False,) if args.standard_only else (False, True):
+            name = f"tables-{attack}{'-plus' if enhanced else ''}{args.tag}"
             directory = args.store / name
-            if (directory / "card.json").exists():
-                card = ModelCard.load(directory)
-                print(f"{name}: read back from {directory}")
-            else:
+            card = read_back(directory, args)
+            if card is None:
                 cfg = TrainConfig(
                     attack=attack, enhanced=enhanced, enhance_benign=enhanced, max_shrink=4, model=args.model,
                     epochs=args.epochs, subset=args.subset, device=args.device, defenses=DEFENSES, name=name,
-                    defense="shrinkpad:4",
+                    defense="shrinkpad:4", surrogate=str(args.surrogate) if args.surrogate else None,
                 )
-                card = run(cfg, out=directory).card
+                card = train_atomically(cfg, directory)
             results.append({"name": name, "attack": attack, "enhanced": enhanced, "metrics": card.metrics,
                             "training": card.training})
             write_reports(results, args)
+
+
+def read_back(directory: Path, args) -> ModelCard | None:
+    """The card of an earlier run of this very row (same model and epochs), else None."""
+    if not (directory / "card.json").exists():
+        return None
+    card = ModelCard.load(directory)
+    if card.architecture != args.model or card.training.get("hyperparameters", {}).get("epochs") != args.epochs:
+        raise SystemExit(f"{directory} holds another budget ({card.architecture}, "
+                         f"{card.training.get('hyperparameters', {}).get('epochs')} epochs); move it away first")
+    print(f"{card.name}: read back from {directory}")
+    return card
+
+
+def train_atomically(cfg: TrainConfig, directory: Path) -> ModelCard:
+    """Train into a temporary sibling directory, then rename it into place in one step."""
+    temporary = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        card = run(cfg, out=temporary).card
+        os.rename(temporary, directory)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return card
 
 
 def pct(v) -> str:
@@ -77,14 +106,15 @@ def write_reports(results: list[dict], args) -> None:
         "model": args.model, "epochs": args.epochs, "torch": torch.__version__, "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": f"python experiments/tables.py --model {args.model} --epochs {args.epochs}"
-                   + (f" --tag {args.tag}" if args.tag else "")
-                   + " (runs whose model directory existed were read back; their epochs are in the table)",
+        "command": f"python experiments/tables.py --model {args.model} --epochs {args.epochs} --store {args.store}"
+                   + f" --attacks {args.attacks}" + (" --standard-only" if args.standard_only else "")
+                   + (f" --surrogate {args.surrogate}" if args.surrogate else "")
+                   + (f" --tag {args.tag}" if args.tag else ""),
     }
     stem = f"tables-{args.model}{args.tag}"
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=2) + "\n")
 
-    lines = [f"# Tables 1 and 2 with `{args.model}` on CIFAR-10", "",
+    lines = [f"# Tables 1 and 2 with `{args.model}` on CIFAR-10, every row {args.epochs} epochs", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}; "
              f"device {results[0]['training'].get('device')} ({results[0]['training'].get('precision')}).", "",
              "Clean accuracy / ASR (%) under each test-time defense. ASR over the test images whose true label is "

@@ -12,10 +12,12 @@ NOT_FOUND, a refused defense -> PERMISSION_DENIED, each with a message.
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
+from google.protobuf import json_format
 
-from bdserve.serve import oip
+from bdserve.serve import access_log, oip
 from bdserve.serve.errors import InvalidInput, ModelUnavailable, ServeError
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -63,17 +65,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[T(**t) for t in meta["inputs"]], outputs=[T(**t) for t in meta["outputs"]],
         )
 
+    async def ModelConfig(self, request, context):
+        try:
+            config = self.service.config(self.service.get(request.name, request.version))
+        except ServeError as e:
+            await self._abort(context, e)
+        return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
+
+    async def RepositoryIndex(self, request, context):
+        return json_format.ParseDict({"models": self.service.repository_index()}, pb.RepositoryIndexResponse())
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context):
-        with self.service.observe(request.model_name, PROTOCOL, ok_code="OK") as box:
+        rid = access_log.request_id(dict(context.invocation_metadata() or ()).get(access_log.REQUEST_ID_HEADER))
+        if not request.id:
+            request.id = rid
+        grpc_code = "OK"
+        t0 = time.perf_counter()
+        # Metrics count every door's answers in one vocabulary, the HTTP status (the access log keeps gRPC's code).
+        with self.service.observe(request.model_name, PROTOCOL) as box:
             try:
                 return await self._infer(request)
             except ServeError as e:
-                box["code"] = e.grpc_code
+                box["code"], grpc_code = str(e.http_status), e.grpc_code
                 await self._abort(context, e)
             except Exception:
-                box["code"] = "INTERNAL"
+                box["code"], grpc_code = "500", "INTERNAL"
                 log.exception("internal error serving model %s", request.model_name)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged on the server)")
+            finally:
+                access_log.write(protocol="grpc", method="ModelInfer", model=request.model_name[:128],
+                                 status=grpc_code, duration_ms=round((time.perf_counter() - t0) * 1000, 3),
+                                 bytes_in=request.ByteSize(), request_id=rid)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         self.service.get(request.model_name, request.model_version)  # NOT_FOUND before decoding
@@ -95,7 +117,8 @@ def _read_request(request: pb.ModelInferRequest) -> oip.InferRequest:
     return oip.InferRequest(
         model=request.model_name, version=request.model_version, input=oip.Tensor(t.name, datatype, shape, value),
         parameters={k: oip.read_parameter(v) for k, v in request.parameters.items()},
-        outputs=[oip.RequestedOutput(o.name) for o in request.outputs] or None, id=request.id)
+        outputs=[oip.RequestedOutput.with_parameters(o.name, None, {k: oip.read_parameter(v) for k, v in o.parameters.items()})
+                 for o in request.outputs] or None, id=request.id)
 
 
 def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:

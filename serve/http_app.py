@@ -5,8 +5,9 @@ Errors use the protocol's format, ``{"error": "<what was wrong>"}``, with 400
 (bad input), 403 (defense not allowed), 404 (unknown model/version/route), 405 (with
 ``Allow``), 408 (body too slow), 413 (body over the limit) or 503 (overloaded, shutting
 down, or a model that failed to load; with ``Retry-After``). Body limits, deadlines and
-framing are the guard's (serve/guard.py), in front of this app. JSON bodies are validated
-against typed schemas (serve/schemas.py), which ``/openapi.json`` describes.
+framing are the guard's (serve/guard.py), in front of this app; the access log
+(serve/access_log.py) is outermost, so the guard's answers are logged too. JSON bodies are
+validated against typed schemas (serve/schemas.py), which ``/openapi.json`` describes.
 
 Binary tensor extension: when the ``Inference-Header-Content-Length`` header is
 present, the body is that many bytes of JSON followed by the raw contents of
@@ -25,14 +26,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bdserve.serve import oip, schemas
+from bdserve.serve.access_log import AccessLog
 from bdserve.serve.errors import InvalidInput, ModelUnavailable, Overloaded, ServeError, shown
 from bdserve.serve.guard import HttpGuard
 from bdserve.serve.metrics import CONTENT_TYPE_LATEST
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
+from bdserve.serve.uploads import upload_image
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "http"
+PROTOCOL = "http"  # OIP over HTTP, in metrics' protocol label
+PREDICTIONS_PROTOCOL = "predictions"  # TorchServe-style uploads
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 
@@ -117,6 +121,15 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
             return JSONResponse({"name": name, "ready": False, "error": str(e)}, status_code=503)
         return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
 
+    @app.get("/v2/models/{name}/config", responses=_ERRORS)
+    @app.get("/v2/models/{name}/versions/{version}/config", responses=_ERRORS)
+    async def model_config(name: str, version: str | None = None):
+        return service.config(service.get(name, version))
+
+    @app.post("/v2/repository/index")
+    async def repository_index():
+        return service.repository_index()
+
     @app.get("/metrics")
     async def metrics():
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -131,23 +144,34 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     async def infer(name: str, request: Request, version: str | None = None):
         return await _observed(service, name, _infer(service, name, version, request))
 
-    @app.post("/predictions/{name}", responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": {
+    # TorchServe's inference API: POST or PUT (``curl -T photo.jpg``), optionally with a version.
+    upload_doc = {"responses": _ERRORS, "openapi_extra": {"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "data": {"type": "string", "format": "binary"}}, "required": ["data"]}}}}})
-    async def predictions(name: str, request: Request):
-        return await _observed(service, name, _predictions(service, name, request))
+            "data": {"type": "string", "format": "binary"}}, "required": ["data"]}}}}}}
+
+    @app.post("/predictions/{name}", **upload_doc)  # one route per method: one OpenAPI operation id each
+    @app.post("/predictions/{name}/{version}", **upload_doc)
+    @app.put("/predictions/{name}", **upload_doc)
+    @app.put("/predictions/{name}/{version}", **upload_doc)
+    async def predictions(name: str, request: Request, version: str | None = None):
+        return await _observed(service, name, _predictions(service, name, version, request), PREDICTIONS_PROTOCOL)
+
+    @app.get("/ping")
+    async def ping():  # TorchServe's health check
+        return JSONResponse({"status": "Healthy" if service.ready else "Unhealthy"},
+                            status_code=200 if service.ready else 503)
 
     from bdserve.serve.lab import mount_lab  # late: lab.py builds on this module
 
     mount_lab(app, service, lab_keep)  # the photo lab, on a --lab server only
     _with_request_schemas(app)
-    return HttpGuard(app, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, max_uploads=max_uploads)
+    return AccessLog(HttpGuard(app, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, max_uploads=max_uploads))
 
 
-async def _observed(service: InferenceService, name: str, work) -> Response:
+async def _observed(service: InferenceService, name: str, work, protocol: str = PROTOCOL) -> Response:
     """Run a prediction route's coroutine, counting it and turning errors into answers."""
-    with service.observe(name, PROTOCOL) as box:
+    with service.observe(name, protocol) as box:
         try:
             return await work
         except ServeError as e:
@@ -161,6 +185,8 @@ async def _observed(service: InferenceService, name: str, work) -> Response:
 async def _infer(service: InferenceService, name: str, version: str | None, request: Request) -> Response:
     service.get(name, version)  # 404 before reading the body
     req = _read_infer_request(name, version, await request.body(), request.headers.get(oip.HEADER_LEN))
+    if req.id is None:  # OIP's own id wins; else the request id the access log assigned
+        req.id = request.state.request_id
     return _write_infer_response(await service.infer(req))
 
 
@@ -201,7 +227,9 @@ def _read_infer_request(name: str, version: str | None, body: bytes, header_len:
 
     outputs = None
     if req.outputs is not None:
-        outputs = [oip.RequestedOutput(o.name, o.parameters.binary_data if o.parameters else None) for o in req.outputs]
+        outputs = [oip.RequestedOutput.with_parameters(o.name, o.parameters.binary_data if o.parameters else None,
+                                                       o.parameters.model_dump(exclude_none=True) if o.parameters else {})
+                   for o in req.outputs]
     return oip.InferRequest(model=name, version=version, input=oip.Tensor(spec.name, datatype, shape, value),
                             parameters=params, outputs=outputs, id=req.id,
                             binary_output=bool(params.get("binary_data_output", False)))
@@ -230,41 +258,14 @@ def _write_infer_response(resp: oip.InferResponse) -> Response:
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-async def _predictions(service: InferenceService, name: str, request: Request) -> Response:
-    model = service.get(name)
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        try:
-            # A non-file field may hold the whole image; the body limit already bounds it.
-            form = await request.form(max_files=4, max_fields=16, max_part_size=request.app.state.max_body)
-        except ServeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - python-multipart's errors vary by version
-            raise InvalidInput(f"malformed multipart body: {shown(str(e), 200)}") from None
-        fields = form.getlist("data") + form.getlist("file")
-        if not fields:
-            raise InvalidInput("multipart upload needs a field named 'data' holding the image")
-        if len(fields) > 1:
-            raise InvalidInput(f"multipart upload has more than one image field ({len(fields)} named 'data' or "
-                               "'file'); send one image per request")
-        field = fields[0]
-        blob = await field.read() if hasattr(field, "read") else _field_bytes(field)
-    else:
-        blob = await request.body()
+async def _predictions(service: InferenceService, name: str, version: str | None, request: Request) -> Response:
+    model = service.get(name, version)
+    blob = upload_image(await request.body(), request.headers.get("content-type", ""))
     # ?defense=SPEC: like OIP's parameters.defense, honoured only by a --lab server (else 403).
     defense = request.query_params.get(oip.DEFENSE)
     resp = await service.infer(oip.InferRequest(
-        model=name, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
+        model=name, version=version, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
         parameters={} if defense is None else {oip.DEFENSE: defense}))
     pred = resp.prediction
     return JSONResponse(model.postprocess(pred)[0], headers=oip.prediction_headers(pred, 0))
 
-
-def _field_bytes(text: str) -> bytes:
-    """The bytes of a non-file multipart field. Starlette decodes it as UTF-8, or as Latin-1 when
-    that fails - which an encoded image always does (its first byte is never valid UTF-8) - so
-    Latin-1 gives the original bytes back; text that needed UTF-8 goes back through UTF-8."""
-    try:
-        return text.encode("latin-1")
-    except UnicodeEncodeError:
-        return text.encode("utf-8")

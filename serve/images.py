@@ -1,12 +1,22 @@
 """Encoded images (JPEG, PNG, WebP) -> uint8 tensors fitted to a model's input.
 
-Fit: *cover, then center-crop*. The image is scaled (bilinear, antialiased by
-Pillow) so that it covers the model's H x W with the aspect ratio kept, i.e. the
-shorter side (relative to the target's aspect) lands exactly on the target, and
-the overhang is cropped equally from both sides (``PIL.ImageOps.fit``). Nothing
-is stretched and no padding is invented - padding would look like ShrinkPad's
-border to the model. An image that already has the model's size passes through
-untouched.
+How a photo becomes the model's H x W is the server's *fit policy* (``bdserve serve --fit``),
+decided here and nowhere else:
+
+- ``cover`` (the default): scale so the image covers H x W with its aspect ratio kept, and
+  crop the overhang equally from both sides. Nothing is stretched and no padding is invented
+  (padding would look like ShrinkPad's border to the model).
+- ``print``: find the printed picture in a camera frame (the largest convex quadrilateral that
+  stands out from its surroundings, see bdserve.serve.printfit), warp its four corners onto
+  the input frame (a non-square print is stretched, so a corner trigger stays in its corner),
+  trim a white paper margin, and resize. A frame where no print is found is fitted by
+  ``cover``, and the result says so.
+
+The final resize is a setting too (``--resize``): ``area`` (box filter: an integer-upscaled
+image comes back exact), ``bilinear`` (no antialiasing) or ``bilinear-aa`` (Pillow's
+antialiased bilinear). Defaults: ``bilinear-aa`` for ``cover`` (what it always did), ``area``
+for ``print``. An image that already has the model's size passes through untouched under
+either policy.
 
 Safety: the pixel count is checked from the header *before* any pixel is
 decoded (decompression bombs: a tiny PNG that declares 50000 x 50000), only the
@@ -14,11 +24,10 @@ three formats above are tried, and truncated files are rejected rather than
 half-decoded (Pillow's LOAD_TRUNCATED_IMAGES stays off).
 
 On a GPU, JPEGs decode with nvjpeg (``torchvision.io.decode_jpeg(device="cuda")``)
-and are fitted there with the same cover/center-crop rule (bilinear,
-antialiased ``interpolate``), EXIF orientation applied from the header read by
-Pillow; pixel values may differ from the CPU path by a few levels. Anything the
-GPU path cannot do (PNG, WebP, a corrupt file) goes through Pillow, which also
-produces the error message.
+and are fitted there with the cover rule and its antialiased bilinear filter, EXIF
+orientation applied from the header read by Pillow; pixel values may differ from the CPU
+path by a few levels. Anything the GPU path cannot do (another policy or filter, PNG,
+WebP, a corrupt file) goes through Pillow, which also produces the error message.
 """
 
 from __future__ import annotations
@@ -26,24 +35,127 @@ from __future__ import annotations
 import io
 import warnings
 
+from dataclasses import dataclass
+
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bdserve.serve.errors import InvalidInput
+from bdserve.serve.printfit import find_print, rectify
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera photo; larger needs --max-pixels
+PRINT_DECODE_SIDE = 1024  # the print fit decodes a JPEG at a reduced scale, down to this side at least
 
 # Never decode half a file: a truncated upload is an error, not a grey stripe.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One encoded image -> uint8 array (H, W, 3) of the given (H, W). Raises InvalidInput."""
+FIT_POLICIES = ("cover", "print")
+RESIZE_FILTERS = ("area", "bilinear", "bilinear-aa")
+DEFAULT_RESIZE = {"cover": "bilinear-aa", "print": "area"}
+
+
+@dataclass(frozen=True)
+class FitPolicy:
+    """How the server fits a photo to the model's input: the policy and the final resize filter."""
+
+    policy: str = "cover"
+    resize: str | None = None  # None: the policy's default (DEFAULT_RESIZE)
+
+    def __post_init__(self):
+        if self.policy not in FIT_POLICIES:
+            raise ValueError(f"unknown fit {self.policy!r}: choose one of {', '.join(FIT_POLICIES)}")
+        if self.resize is not None and self.resize not in RESIZE_FILTERS:
+            raise ValueError(f"unknown resize filter {self.resize!r}: choose one of {', '.join(RESIZE_FILTERS)}")
+
+    @property
+    def filter(self) -> str:
+        return self.resize or DEFAULT_RESIZE[self.policy]
+
+    @property
+    def spec(self) -> str:
+        """What metadata and responses report, e.g. ``print (area)``."""
+        return f"{self.policy} ({self.filter})"
+
+
+COVER = FitPolicy()
+
+
+@dataclass
+class Fitted:
+    """One photo fitted to the model's input, and how."""
+
+    image: np.ndarray  # uint8 (H, W, 3): what the model sees
+    fit: str  # the policy applied: "cover" or "print"
+    fallback: bool = False  # "print" was asked for, none was found, "cover" was applied
+    # What the model's input was taken from: the print's picture (inside a trimmed paper margin) as
+    # corners x, y (top-left, top-right, bottom-right, bottom-left) in the upright photo's pixels.
+    outline: list[list[float]] | None = None
+    frame: tuple[int, int] | None = None  # the upright photo's (width, height), the outline's frame
+
+
+def describe_fits(policy: FitPolicy, how: list[Fitted]) -> str:
+    """What a response says about the fit of its images: the policy applied, and which images
+    fell back to cover because no print was found."""
+    missed = [i for i, f in enumerate(how) if f.fallback]
+    if not missed:
+        return policy.spec
+    if len(missed) == len(how):
+        return f"cover ({policy.filter}; no print found)"
+    return f"{policy.spec}; no print found in image{'s' if len(missed) > 1 else ''} {', '.join(map(str, missed))}: cover"
+
+
+def resize(arr: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
+    """uint8 (h, w, 3) -> (H, W, 3) with one of RESIZE_FILTERS; the same size passes untouched."""
+    h, w = size
+    if arr.shape[:2] == (h, w):
+        return arr
+    if method == "area":
+        return cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA)
+    if method == "bilinear":
+        return cv2.resize(arr, (w, h), interpolation=cv2.INTER_LINEAR)
+    if method == "bilinear-aa":  # Pillow widens the bilinear kernel when shrinking (antialiasing)
+        return np.array(Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+    raise ValueError(f"unknown resize filter {method!r}")
+
+
+def cover(arr: np.ndarray, size: tuple[int, int], method: str = "bilinear-aa") -> np.ndarray:
+    """Cover-fit: crop the centre to the target's aspect ratio (like ImageOps.fit), then resize."""
+    h, w = size
+    ih, iw = arr.shape[:2]
+    if iw * h > ih * w:
+        cw = max(1, round(ih * w / h))
+        arr = arr[:, (iw - cw) // 2:(iw - cw) // 2 + cw]
+    else:
+        ch = max(1, round(iw * h / w))
+        arr = arr[(ih - ch) // 2:(ih - ch) // 2 + ch]
+    return resize(np.ascontiguousarray(arr), size, method)
+
+
+def fit_array(arr: np.ndarray, size: tuple[int, int], policy: FitPolicy = COVER) -> Fitted:
+    """An upright RGB photo (h, w, 3) uint8 -> the model's input, by ``policy``."""
+    frame = (arr.shape[1], arr.shape[0])
+    if policy.policy == "print" and arr.shape[:2] != tuple(size):
+        found = find_print(arr)
+        if found is not None:
+            grid, taken = rectify(arr, found.corners, size)
+            outline = [[round(float(x), 2), round(float(y), 2)] for x, y in taken]
+            return Fitted(resize(grid, size, policy.filter), "print", outline=outline, frame=frame)
+        return Fitted(cover(arr, size, policy.filter), "cover", fallback=True, frame=frame)
+    return Fitted(cover(arr, size, policy.filter), "cover", frame=frame)
+
+
+def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> tuple[np.ndarray, float]:
+    """One encoded image -> upright uint8 RGB array (h, w, 3), and the photo's own size over the
+    decoded one. Raises InvalidInput.
+
+    ``draft``: a JPEG may be decoded at a reduced scale (libjpeg's DCT scaling) as long as
+    both sides stay at least this large."""
     if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) == 0:
         raise InvalidInput("empty image: expected the bytes of a JPEG, PNG or WebP file")
-    h, w = size
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check only warns below 2x its global limit; ours is the limit.
@@ -56,17 +168,15 @@ def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_M
                     f"{max_pixels} pixels (decompression-bomb guard; see --max-pixels)"
                 )
             check_plausible(im.format, width, height, len(blob))
-            if im.format == "JPEG":
-                # Let libjpeg decode at a reduced scale (DCT scaling) when the photo is far
-                # larger than the model input: same cover-fit, a fraction of the work and memory.
-                m = max(h, w)
-                im.draft("RGB", (m, m))
+            if im.format == "JPEG" and draft:
+                im.draft("RGB", (draft, draft))
             im.load()
-            im = ImageOps.exif_transpose(im)  # camera photos store rotation as an EXIF tag
+            scale = width / im.size[0]
+            # Camera photos store rotation as an EXIF tag. In place: the default returns a full
+            # copy even when there is nothing to rotate (+150 MB for a 7000x7000 image).
+            ImageOps.exif_transpose(im, in_place=True)
             if im.mode != "RGB":
                 im = im.convert("RGB")
-            if im.size != (w, h):
-                im = ImageOps.fit(im, (w, h), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
             arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
     except InvalidInput:
         raise
@@ -77,9 +187,30 @@ def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_M
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError, odd modes as ValueError.
         raise InvalidInput(f"corrupt or truncated image: {e}") from None
-    if arr.shape != (h, w, 3):  # e.g. a mode Pillow converted oddly
-        raise InvalidInput(f"could not convert the image to RGB {h}x{w} (got array {arr.shape})")
-    return arr
+    if arr.ndim != 3 or arr.shape[2] != 3:  # e.g. a mode Pillow converted oddly
+        raise InvalidInput(f"could not convert the image to RGB (got array {arr.shape})")
+    return arr, scale
+
+
+def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                  policy: FitPolicy = COVER) -> Fitted:
+    """One encoded image -> Fitted (the model-sized image and how it was fitted). Raises InvalidInput."""
+    m = max(size)
+    # Cover needs little more than the model's size; finding a print needs the print's edges sharp.
+    draft = m if policy.policy == "cover" else max(PRINT_DECODE_SIDE, 16 * m)
+    arr, scale = open_upright(blob, max_pixels, draft)
+    fitted = fit_array(arr, size, policy)
+    if scale != 1.0:  # report the outline in the photo's own pixels, not the reduced decode's
+        fitted.frame = (round(arr.shape[1] * scale), round(arr.shape[0] * scale))
+        if fitted.outline is not None:
+            fitted.outline = [[round((x + 0.5) * scale - 0.5, 2), round((y + 0.5) * scale - 0.5, 2)] for x, y in fitted.outline]
+    return fitted
+
+
+def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 policy: FitPolicy = COVER) -> np.ndarray:
+    """One encoded image -> uint8 array (H, W, 3) of the given (H, W). Raises InvalidInput."""
+    return decode_fitted(blob, size, max_pixels, policy).image
 
 
 # A baseline or progressive Huffman JPEG spends at least a bit or two per 8x8 block even on a
@@ -96,26 +227,40 @@ def check_plausible(fmt: str | None, width: int, height: int, nbytes: int) -> No
 
 
 def decode_images(blobs: list[bytes], size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
-                  device: torch.device | None = None) -> torch.Tensor:
-    """Encoded images -> uint8 tensor (B, 3, H, W). An error names the failing element.
+                  device: torch.device | None = None, policy: FitPolicy = COVER) -> torch.Tensor:
+    """Encoded images -> uint8 tensor (B, 3, H, W). An error names the failing element."""
+    return decode_batch(blobs, size, max_pixels, device, policy)[0]
 
-    With ``device``, JPEGs decode through torchvision onto that device (nvjpeg on CUDA)
-    and the batch is returned there; otherwise everything goes through Pillow on the CPU.
+
+def decode_batch(blobs: list[bytes], size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 device: torch.device | None = None, policy: FitPolicy = COVER) -> tuple[torch.Tensor, list[Fitted]]:
+    """Encoded images -> uint8 tensor (B, 3, H, W) and how each was fitted (``Fitted.image`` left
+    empty: the tensor holds the pixels). An error names the failing element.
+
+    With ``device`` and the cover policy with its default filter, JPEGs decode through
+    torchvision onto that device (nvjpeg on CUDA) and the batch is returned there; otherwise
+    everything goes through Pillow (and OpenCV) on the CPU.
     """
     if len(blobs) == 0:
         raise InvalidInput("no images in the request")
-    out = []
+    gpu = device is not None and policy.policy == "cover" and policy.filter == "bilinear-aa"
+    out, how = [], []
     for i, blob in enumerate(blobs):
         try:
-            t = decode_image_tensor(blob, size, max_pixels, device) if device is not None else None
-            if t is None:
-                t = torch.from_numpy(decode_image(blob, size, max_pixels)).permute(2, 0, 1)
+            t = decode_image_tensor(blob, size, max_pixels, device) if gpu else None
+            if t is not None:
+                how.append(Fitted(np.empty((0, 0, 3), np.uint8), "cover"))
+            else:
+                f = decode_fitted(blob, size, max_pixels, policy)
+                t = torch.from_numpy(f.image).permute(2, 0, 1)
                 if device is not None:
                     t = t.to(device)
+                f.image = np.empty((0, 0, 3), np.uint8)
+                how.append(f)
             out.append(t)
         except InvalidInput as e:
             raise type(e)(f"image {i}: {e}" if len(blobs) > 1 else str(e)) from None
-    return torch.stack(out).contiguous()
+    return torch.stack(out).contiguous(), how
 
 
 # EXIF orientation -> the same transposition Pillow's exif_transpose applies, on (C, H, W).

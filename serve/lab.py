@@ -94,7 +94,7 @@ def model_info(model: DefendedModel) -> dict:
         "served_defense": model.defense_spec,
         "defenses": compared_defenses(model),
         "detect": model.detect,
-        "fit": getattr(model, "fit", DEFAULT_FIT),
+        "fit": fit_info(model)["name"],
         "target": None if target is None else model.classes[target],
     }
 
@@ -121,8 +121,12 @@ def defense_result(model: DefendedModel, pred: Prediction) -> dict:
 
 
 def fit_info(model: DefendedModel) -> dict:
-    """The fit applied, with the print outline (photo pixel coordinates) when a fit finds one."""
-    return {"name": getattr(model, "fit", DEFAULT_FIT), "fallback": None, "outline": None}
+    """The fit applied (its policy name and full spec), with the print outline (photo pixel
+    coordinates) when a fit finds one. A model may carry its fit as a policy object (``.policy``,
+    ``.spec``) or as a name; one without any fits by cover."""
+    fit = getattr(model, "fit", None)
+    name = str(getattr(fit, "policy", fit) or DEFAULT_FIT)
+    return {"name": name, "spec": str(getattr(fit, "spec", name)), "fallback": None, "outline": None}
 
 
 def _check_choice(value: str, allowed: list[str], what: str) -> str:

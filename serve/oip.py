@@ -230,10 +230,22 @@ class Tensor:
     binary: bool = False
 
 
+CLASSIFICATION = "classification"  # Triton's classification extension: an output parameter
+
+
 @dataclass
 class RequestedOutput:
     name: str
     binary: bool | None = None  # HTTP: parameters.binary_data; None: the request's default
+    class_count: int = 0  # parameters.classification: top-k "score:index:label" instead of the tensor
+
+    @classmethod
+    def with_parameters(cls, name, binary, parameters: dict) -> "RequestedOutput":
+        k = parameters.get(CLASSIFICATION, 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InvalidInput(f"output {shown(name)}: parameters.{CLASSIFICATION} must be a non-negative integer, "
+                               f"got {shown(k)}")
+        return cls(name, binary, k)
 
 
 @dataclass
@@ -293,6 +305,7 @@ class PerImageOutput:
 
 RESPONSE_PARAMETERS: tuple[ResponseParameter, ...] = (
     ResponseParameter(DEFENSE, "X-Bdserve-Defense", "defense"),
+    ResponseParameter("fit", "X-Bdserve-Fit", "fit"),  # encoded images only: the server's fit, or its fallback
 )
 # The trigger detectors a server may run (bdserve.transforms.detectors.DETECTORS; a test keeps them equal).
 TRIGGER_DETECTORS = ("consistency", "strip", "scaleup")
@@ -324,6 +337,24 @@ def model_inputs(model) -> list[dict]:
             {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
 
 
+def _config_tensor(t: dict, batched: bool) -> dict:
+    dims = t["shape"][1:] if batched else t["shape"]
+    return {"name": t["name"], "data_type": "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}",
+            "dims": dims or [1]}
+
+
+def model_config(model, max_batch_size: int) -> dict:
+    """Triton's model configuration (``GET /v2/models/{m}/config``, gRPC ModelConfig), which
+    perf_analyzer and tritonclient read: dims leave out the batch dimension."""
+    inputs = [_config_tensor(t, True) for t in model_inputs(model)]
+    inputs[0]["format"] = "FORMAT_NCHW"
+    for t in inputs:
+        t["optional"] = True  # send exactly one of the two
+    return {"name": model.name, "platform": model.runtime.platform, "backend": model.backend,
+            "max_batch_size": max_batch_size, "input": inputs,
+            "output": [_config_tensor(t, True) for t in model_outputs(model)]}
+
+
 def prediction_outputs(pred) -> dict[str, Tensor]:
     """Every output a prediction has, by name."""
     b, c = pred.probs.shape
@@ -353,10 +384,13 @@ def check_outputs(request: InferRequest, model) -> None:
     """Unknown requested outputs are refused before any work is done."""
     if request.outputs is None:
         return
-    known = [o["name"] for o in model_outputs(model)]
+    known = {o["name"]: o["datatype"] for o in model_outputs(model)}
     for o in request.outputs:
         if o.name not in known:
             raise InvalidInput(f"unknown output {shown(o.name)}; this model produces {', '.join(known)}")
+        if o.class_count and known[o.name] != "FP32":
+            raise InvalidInput(f"output {o.name!r} is {known[o.name]}: {CLASSIFICATION} applies to the FP32 "
+                               f"output {OUTPUT_PROBS!r}")
 
 
 def infer_response(request: InferRequest, model, pred) -> InferResponse:
@@ -369,8 +403,19 @@ def infer_response(request: InferRequest, model, pred) -> InferResponse:
         for o in request.outputs:
             if o.name not in produced:
                 raise InvalidInput(f"unknown output {shown(o.name)}; this model produces {', '.join(produced)}")
-            outputs.append(_with_binary(produced[o.name], request.binary_output if o.binary is None else o.binary))
+            t = produced[o.name] if not o.class_count else classification(produced[o.name], o.class_count, model.classes)
+            outputs.append(_with_binary(t, request.binary_output if o.binary is None else o.binary))
     return InferResponse(model.name, model.version, outputs, response_parameters(pred), request.id, pred)
+
+
+def classification(t: Tensor, k: int, classes: list[str]) -> Tensor:
+    """Triton's classification extension: the top ``k`` of each row as BYTES "score:index:label"."""
+    scores = np.asarray(t.value, dtype=np.float32).reshape(t.shape[0], -1)
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rows = [[f"{scores[b, i]:f}:{i}:{classes[i] if i < len(classes) else ''}".encode() for i in top[b]]
+            for b in range(scores.shape[0])]
+    return Tensor(t.name, "BYTES", [scores.shape[0], k], [v for row in rows for v in row])
 
 
 def _with_binary(t: Tensor, binary: bool) -> Tensor:

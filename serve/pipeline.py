@@ -34,7 +34,7 @@ import torch
 from bdserve.card import CARD_FILE, ModelCard
 from bdserve.serve.detection import CLASSIFY_CHUNK, Detection, load_detection
 from bdserve.serve.errors import DefenseNotAllowed, InvalidInput
-from bdserve.serve.images import DEFAULT_MAX_PIXELS, decode_images
+from bdserve.serve.images import COVER, DEFAULT_MAX_PIXELS, FitPolicy, decode_batch, describe_fits
 from bdserve.serve.runtimes import Runtime, open_runtime
 from bdserve.settings import pick_device
 from bdserve.transforms import create_defense
@@ -58,6 +58,7 @@ class Prediction:
     trigger_score: np.ndarray | None = None  # float32 (B,): max of the detectors' margins; > 0 = suspected
     detector_scores: np.ndarray | None = None  # float32 (B, M): each detector's margin (0 = its threshold)
     detector_methods: tuple[str, ...] = ()  # the M detectors, in detector_scores' column order
+    fit: str | None = None  # how encoded images were fitted, e.g. "print (area)"; None for raw tensors
     timings: dict[str, float] = field(default_factory=dict)  # seconds: defense, inference (whole batch)
 
     def __len__(self) -> int:
@@ -87,18 +88,23 @@ class DefendedModel:
 
     def __init__(self, card: ModelCard, runtime: Runtime, *, defense: str | None = None,
                  device: torch.device | None = None, lab: bool = False, detection: Detection | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, fit: FitPolicy = COVER):
         """``defense`` None: the card's; ``device`` None: where the runtime runs. In-process
         evaluation is ``DefendedModel(card, TorchRuntime(module), lab=True).predict(...)``.
         ``detection``: calibrated trigger detectors (serve/detection.py), scored in every batch."""
         self.card = card
         self.runtime = runtime
+        # Served under these (set by the model repository: the directory's name, the version
+        # directory's number); the card's name and version otherwise.
+        self.served_name: str | None = None
+        self.served_version: str | None = None
         device = runtime.device if device is None else device
         defense = card.defense if defense is None else defense
         self.device = device
         self.lab = lab
         self.detection = detection
         self.max_pixels = max_pixels
+        self.fit = fit  # the server's fit policy for encoded images (bdserve.serve.images)
         # Where JPEGs decode: on the GPU (nvjpeg) when the model's device is one, else Pillow on the CPU.
         self.decode_device: torch.device | None = device if device.type == "cuda" else None
         c, h, w = card.input_shape
@@ -122,7 +128,8 @@ class DefendedModel:
              device: str | torch.device = "auto", lab: bool = False, detect: str | Sequence[str] | None = None,
              class_names: list[str] | None = None, mean: list[float] | None = None,
              std: list[float] | None = None, input_size: tuple[int, int] | None = None,
-             max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None) -> "DefendedModel":
+             max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
+             name: str | None = None, version: str | None = None, fit: FitPolicy = COVER) -> "DefendedModel":
         """Open a model directory (model.onnx or model.pt, card.json optional).
 
         ``defense`` None means the card's. Without a card the input shape comes from
@@ -130,6 +137,8 @@ class DefendedModel:
         ``class_0 ..``) and normalisation from ``mean``/``std`` (else none: the graph
         is assumed to take [0, 1] input). Arguments given override the card. ``detect``
         names calibrated detectors ("consistency,strip"); NotCalibrated if the card lacks them.
+        The model is served as ``name`` (default: the directory's name) and ``version``
+        (default: the card's).
         """
         model_dir = Path(model_dir)
         dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -140,7 +149,9 @@ class DefendedModel:
                                           classes=class_names, mean=mean, std=std)
         except ValueError as e:
             raise ValueError(f"{model_dir}: {e}") from None
-        model = cls(card, runtime, defense=defense, device=dev, lab=lab, max_pixels=max_pixels)
+        model = cls(card, runtime, defense=defense, device=dev, lab=lab, max_pixels=max_pixels, fit=fit)
+        model.served_name = name or model_dir.name
+        model.served_version = version
         if detect:
             model.detection = load_detection(model_dir, card, detect, defense=model.defense_spec)
         log.info("loaded %s v%s: %s, defense %s", card.name, card.version, runtime.describe(), model.defense_spec)
@@ -149,11 +160,11 @@ class DefendedModel:
     # -------------------------------------------------------------- properties
     @property
     def name(self) -> str:
-        return self.card.name
+        return self.served_name or self.card.name
 
     @property
     def version(self) -> str:
-        return str(self.card.version)
+        return self.served_version or str(self.card.version)
 
     @property
     def classes(self) -> list[str]:
@@ -178,11 +189,16 @@ class DefendedModel:
 
     # ----------------------------------------------------------- preprocessing
     def decode(self, blobs: list[bytes]) -> torch.Tensor:
-        """Encoded images -> uint8 (B, 3, H, W) at the model's input size (see bdserve.serve.images).
+        """Encoded images -> uint8 (B, 3, H, W) at the model's input size, by the server's fit policy
+        (``self.fit``: cover, or find the print; see bdserve.serve.images). On a CUDA model, JPEGs
+        cover-fit on the GPU and the tensor is returned there."""
+        return self.decode_fitted(blobs)[0]
 
-        Fit: scale to cover the input (aspect kept, bilinear), then center-crop. On a CUDA
-        model, JPEGs decode on the GPU and the tensor is returned there."""
-        return decode_images(blobs, self.input_size, self.max_pixels, self.decode_device)
+    def decode_fitted(self, blobs: list[bytes]) -> tuple[torch.Tensor, str]:
+        """``decode``, and what the response says about the fit, e.g. ``print (area)`` or
+        ``cover (area; no print found)``."""
+        x, how = decode_batch(blobs, self.input_size, self.max_pixels, self.decode_device, self.fit)
+        return x, describe_fits(self.fit, how)
 
     def from_array(self, arr: np.ndarray) -> torch.Tensor:
         """A raw UINT8 (0..255) or FP32 ([0, 1]) array (B, 3, H, W) -> tensor, validated.

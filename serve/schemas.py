@@ -50,6 +50,8 @@ class RequestInput(_Open):
 class OutputParameters(_Open):
     model_config = ConfigDict(extra="allow", strict=True)
     binary_data: Optional[bool] = None
+    classification: Optional[int] = Field(None, ge=0, le=MAX_DIM,
+                                          description="Triton's classification extension: the top k as 'score:index:label'")
 
 
 class RequestOutput(_Open):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import uvicorn
 
+from bdserve.serve import access_log, repository
 from bdserve.serve.budget import bound_heap
 from bdserve.serve.grpc_drain import DrainGate
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
@@ -52,41 +53,23 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # the whole HTTP body must arrive within this (else 408)
     max_uploads: int = 256  # HTTP bodies read or held at once (beyond: 503)
     log_level: str = "warning"
+    access_log: bool = True  # one JSON line per request on stdout (bdserve.access)
     lab_keep: Path | None = None  # --lab-keep: the photo lab appends each upload and answer here
 
 
-def model_dirs(store: str | Path, names: list[str] | None = None) -> list[Path]:
-    """The model directories to serve: the named ones, else every directory holding a model."""
-    store = Path(store)
-    if names:
-        dirs = [store / n for n in names]
-        missing = [str(d) for d in dirs if not d.is_dir()]
-        if missing:
-            raise FileNotFoundError(f"no such model directory: {', '.join(missing)}")
-        return dirs
-    dirs = sorted(d for d in store.iterdir() if d.is_dir() and ((d / "model.onnx").exists() or (d / "model.pt").exists()))
-    if not dirs:
-        raise FileNotFoundError(f"{store} holds no model directory (model.onnx or model.pt)")
-    return dirs
-
-
 def load_models(store: str | Path, names: list[str] | None = None, *, broken: dict[str, str] | None = None,
-                **load_kw) -> dict[str, DefendedModel]:
-    """Load the store's models. With ``broken`` (a dict), a model that fails to load is recorded
-    there (directory name -> one line naming its file and what is wrong) and the others load;
-    without it, the first failure raises."""
-    models = {}
-    for d in model_dirs(store, names):
+                **load_kw) -> list[DefendedModel]:
+    """Every model (and version) the repository holds, or the named ones (``NAME`` or ``NAME=DIR``).
+    With ``broken`` (a dict), a model that fails to load is recorded there (served name -> one line
+    naming its file and what is wrong) and the others load; without it, the first failure raises."""
+    models = []
+    for e in repository.entries(store, names):
         try:
-            m = DefendedModel.load(d, **load_kw)
-            if m.name in models:
-                raise ValueError(f"{d / 'card.json'}: two model directories are named {m.name!r} in their cards")
-        except Exception as e:  # noqa: BLE001 - ONNX Runtime, torch and card errors alike
+            models.append(DefendedModel.load(e.path, name=e.name, version=e.version, **load_kw))
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime, torch and card errors alike
             if broken is None:
                 raise
-            broken[d.name] = load_failure(d, e)  # the caller reports it (once)
-            continue
-        models[m.name] = m
+            broken[e.name] = load_failure(e.path, err)  # the caller reports it (once)
     return models
 
 
@@ -198,13 +181,15 @@ class Server:
         cfg = self.config
         self._stop = asyncio.Event()
         bound_heap()  # large buffers go back to the system when freed
+        access_log.enable(cfg.access_log)
         await self.service.start()
         sock = _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
-        self.guard = create_app(self.service, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s,
-                                max_uploads=cfg.max_uploads, lab_keep=cfg.lab_keep)
+        http_app = create_app(self.service, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s,
+                              max_uploads=cfg.max_uploads, lab_keep=cfg.lab_keep)
+        self.guard = http_app.app  # under the access log: the guard closes connections at shutdown
         self._uvicorn = _Uvicorn(uvicorn.Config(
-            self.guard, log_level=cfg.log_level, access_log=False, lifespan="off", http=GuardedH11Protocol,
+            http_app, log_level=cfg.log_level, access_log=False, lifespan="off", http=GuardedH11Protocol,
             timeout_graceful_shutdown=cfg.grace_s,  # (_Uvicorn.shutdown keeps its own deadline)
         ))
         self._http_task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -25,10 +26,11 @@ from bdserve.serve.errors import InvalidInput, ModelUnavailable, NotFound, Suspe
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
 from bdserve.serve.images import DEFAULT_MAX_PIXELS
 from bdserve.serve.pipeline import DefendedModel
+from bdserve.serve.repository import version_key
 
 SERVER_NAME = "bdserve"
 SERVER_VERSION = _version if isinstance(_version, str) else "0"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
 
 
 # What a server does with an image its trigger detectors flag: answer it and say so, or refuse it.
@@ -36,25 +38,33 @@ ON_SUSPECT = ("flag", "reject")
 
 
 class InferenceService:
-    def __init__(self, models: dict[str, DefendedModel], *, max_batch_size: int = 32,
+    def __init__(self, models: Iterable[DefendedModel] | dict[str, DefendedModel], *, max_batch_size: int = 32,
                  max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None,
                  on_suspect: str = "flag", broken: dict[str, str] | None = None,
                  pixel_budget: int = DEFAULT_MAX_PIXELS):
         """``broken``: models of the store that failed to load (name -> why); they answer as not ready."""
+        models = list(models.values()) if isinstance(models, dict) else list(models)
         if not models:
             raise ValueError("no models to serve")
         if on_suspect not in ON_SUSPECT:
             raise ValueError(f"on_suspect must be one of {', '.join(ON_SUSPECT)}, not {on_suspect!r}")
         self.on_suspect = on_suspect
-        self.models = models
         self.broken = dict(broken or {})
+        # Every version of every model; the highest version answers requests that name none.
+        self.versions: dict[str, dict[str, DefendedModel]] = {}
+        for m in models:
+            if m.version in self.versions.setdefault(m.name, {}):
+                raise ValueError(f"model {m.name!r} version {m.version} is loaded twice")
+            self.versions[m.name][m.version] = m
+        self.models = {name: vs[max(vs, key=version_key)] for name, vs in self.versions.items()}
         self.metrics = metrics or Metrics()
+        self.max_batch_size = max_batch_size
         self.batchers = {
-            name: Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                          max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch)
-            for name, m in models.items()
+            (m.name, m.version): Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                                         max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch)
+            for m in models
         }
-        for m in models.values():
+        for m in self.models.values():
             self.metrics.describe_model(m)
         self.max_request_images = max_queue_images
         # Decoded pixels in flight across every request and door (a 140 KiB PNG may declare 49 MP).
@@ -72,37 +82,59 @@ class InferenceService:
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str, version: str | None = None) -> DefendedModel:
-        model = self.models.get(name)
-        if model is None:
+        versions = self.versions.get(name)
+        if versions is None:
             if name in self.broken:
                 raise ModelUnavailable(f"model {shown(name)} is not ready: it failed to load: {self.broken[name]}")
             raise NotFound(f"unknown model {shown(name)}; this server has: {', '.join(sorted(self.models))}")
-        if version not in (None, "") and str(version) != model.version:
-            raise NotFound(f"model {shown(name)} has no version {shown(version)} (served version: {model.version})")
+        if version in (None, ""):
+            return self.models[name]
+        model = versions.get(str(version))
+        if model is None:
+            raise NotFound(f"model {shown(name)} has no version {shown(version)}; served versions: "
+                           f"{', '.join(self.version_list(name))}")
         return model
+
+    def version_list(self, name: str) -> list[str]:
+        return sorted(self.versions[name], key=version_key)
+
+    def config(self, model: DefendedModel) -> dict:
+        return oip.model_config(model, self.max_batch_size)
+
+    def repository_index(self) -> list[dict]:
+        """Triton's repository index: every served model version and its state; a model that
+        failed to load is listed UNAVAILABLE with the reason."""
+        state = "READY" if self.ready else "UNAVAILABLE"
+        return [{"name": name, "version": v, "state": state, "reason": ""}
+                for name in sorted(self.versions) for v in self.version_list(name)] + [
+            {"name": name, "version": "", "state": "UNAVAILABLE", "reason": why} for name, why in sorted(self.broken.items())]
 
     def metric_name(self, name: str) -> str:
         return name if name in self.models else UNKNOWN_MODEL
 
     def metadata(self, model: DefendedModel) -> dict:
-        return {"name": model.name, "versions": [model.version], "platform": model.runtime.platform,
-                "inputs": oip.model_inputs(model), "outputs": oip.model_outputs(model)}
+        # "parameters" (HTTP only: gRPC's ModelMetadataResponse has no such field): how encoded
+        # images are fitted to the input, the same text every image response carries.
+        return {"name": model.name, "versions": self.version_list(model.name), "platform": model.runtime.platform,
+                "inputs": oip.model_inputs(model), "outputs": oip.model_outputs(model),
+                "parameters": {"fit": model.fit.spec}}
 
     # --------------------------------------------------------------- inference
     async def infer(self, request: oip.InferRequest) -> oip.InferResponse:
         """One request through the model's batcher: input -> tensor, defense resolved, answer built."""
         model = self.get(request.model, request.version)
         oip.check_outputs(request, model)
-        x = await self._to_tensor(model, request.input)
+        x, fit = await self._to_tensor(model, request.input)
         # Refused here, before queueing (lab mode, bad spec); the cached Transform object is
         # what the batcher groups by, so "Flip", "flip" and no parameter share a batch.
         defense = model.resolve_defense(request.defense)
         gauge = self.metrics.inflight.labels(model=model.name)
         gauge.inc()
         try:
-            pred = await self.batchers[model.name].submit(x, defense)
+            pred = await self.batchers[(model.name, model.version)].submit(x, defense)
         finally:
             gauge.dec()
+        pred.fit = fit  # this request's own slice of the batch
         if self.on_suspect == "reject" and pred.suspected is not None and pred.suspected.any():
             self.metrics.rejected.labels(model=model.name).inc()
             flagged = [int(i) for i in pred.suspected.nonzero()[0]]
@@ -112,8 +144,9 @@ class InferenceService:
                 f"this server rejects suspected inputs)")
         return oip.infer_response(request, model, pred)
 
-    async def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor:
-        """A decoded OIP input -> the model's uint8/float batch. Images decode off the event loop."""
+    async def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> tuple[torch.Tensor, str | None]:
+        """A decoded OIP input -> the model's uint8/float batch, and how encoded images were fitted
+        (None for raw tensors). Images decode off the event loop."""
         shape = t.shape
         if shape and shape[0] > self.max_request_images:
             # Checked before any decoding: a request of 100k tiny PNGs would cost seconds and gigabytes.
@@ -128,10 +161,10 @@ class InferenceService:
             # An image over the per-image limit is refused by the decoder before any pixel is decoded.
             pixels = sum(min(declared_pixels(b), model.max_pixels) for b in blobs)
             async with self.pixels.reserve(pixels):
-                return await asyncio.to_thread(model.decode, blobs)
+                return await asyncio.to_thread(model.decode_fitted, blobs)
         if t.datatype not in ("UINT8", "FP32"):
             raise InvalidInput(f"datatype {t.datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
-        return model.from_array(t.value)
+        return model.from_array(t.value), None
 
     @contextmanager
     def observe(self, model_name: str, protocol: str, ok_code: str = "200"):

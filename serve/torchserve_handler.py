@@ -57,8 +57,13 @@ class BdserveHandler:
             # TorchServe assigns a GPU per worker only when it found one; honour its choice.
             device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
         self.topk = int(cfg.get("topk", 5))
+        from bdserve.serve.images import FitPolicy
+
+        # Served under TorchServe's model name (the .mar's), not the worker's temporary directory.
+        name = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelName")
         self.model = DefendedModel.load(
-            model_dir, defense=cfg.get("defense"), backend=cfg.get("backend", "auto"), device=device
+            model_dir, defense=cfg.get("defense"), backend=cfg.get("backend", "auto"), device=device, name=name,
+            fit=FitPolicy(cfg.get("fit", "cover"), cfg.get("resize")),
         )
         self.initialized = True
         log.info("bdserve handler ready: %s, defense %s", model_dir, self.model.defense_spec)
@@ -104,10 +109,12 @@ class BdserveHandler:
         log.info("bdserve batch of %d requests", len(data))
         results: list[Any] = [None] * len(data)
         good_idx: list[int] = []
-        tensors = []
+        tensors, fits = [], []
         for i, row in enumerate(data):
             try:
-                tensors.append(self.model.decode([self._payload(row)]))
+                x, fit = self.model.decode_fitted([self._payload(row)])
+                tensors.append(x)
+                fits.append(fit)
                 good_idx.append(i)
             except InvalidInput as e:
                 results[i] = self._error(context, i, getattr(e, "http_status", 400), str(e))
@@ -122,6 +129,7 @@ class BdserveHandler:
             docs = self.model.postprocess(pred, self.topk)
             for j, i in enumerate(good_idx):
                 results[i] = docs[j]
+                pred.fit = fits[j]  # each request's own photo
                 for key, value in prediction_headers(pred, j).items():
                     _header(context, i, key, value)
         for i in range(len(results)):

@@ -28,7 +28,7 @@ def cifar_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_badnets_dir(tmp_path_factory, cifar_dir) -> Path:
     """A BadNets-infected `tiny` model trained through the real CLI on 4,000 CIFAR-10 images."""
-    out = tmp_path_factory.mktemp("models") / "tiny-badnets"
+    out = tmp_path_factory.mktemp("models") / "badnets-tiny"  # the card's name: served under it
     env = {**os.environ, "BDSERVE_PROGRESS": "0", "BDSERVE_DATA": str(cifar_dir)}
     proc = subprocess.run(
         [sys.executable, "-m", "bdserve.cli", "train", *TINY_TRAIN_ARGS, "--out", str(out)],

@@ -85,6 +85,108 @@ def fast(num_classes: int = 10, width: int = 16) -> nn.Module:
     )
 
 
+# --- fast-air: airbench-style choices at CPU widths ---------------------------------------------
+#
+# After Keller Jordan's airbench (github.com/KellerJordan/cifar10-airbench): a frozen 2x2
+# patch-whitening stem initialised from the training images, conv -> max-pool -> BN -> GELU
+# groups, BN with a frozen unit scale, Dirac-initialised convolutions and a bias-free linear
+# head scaled by 1/9. Widths are cut to what a 2-core CPU trains in minutes.
+
+HEADS = ("max", "avg", "flatten")
+
+
+def _air_bn(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels, momentum=0.4, eps=1e-12)  # airbench's fast-moving statistics
+    bn.weight.requires_grad_(False)  # scale frozen at 1; only the shift learns
+    return bn
+
+
+def _air_conv(cin: int, cout: int) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(cin, cout)])  # the first filters start as identities
+    return conv
+
+
+def _air_group(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        _air_conv(cin, cout), nn.MaxPool2d(2), _air_bn(cout), nn.GELU(),
+        _air_conv(cout, cout), _air_bn(cout), nn.GELU(),
+    )
+
+
+class Whitening(nn.Conv2d):
+    """2x2 conv whose filters are the +/- eigenvectors of the training patches' covariance,
+    scaled to unit variance (``init_from``); the filters stay frozen, the bias learns."""
+
+    def __init__(self, in_channels: int = 3, patch: int = 2):
+        super().__init__(in_channels, 2 * in_channels * patch * patch, patch, padding=0, bias=True)
+        self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def init_from(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """``images``: normalised float (N, C, H, W), a few thousand are plenty."""
+        c, h, w = self.weight.shape[1:]
+        patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w).double()
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).reshape(-1, c, h, w)
+        self.weight.copy_(torch.cat([filters, -filters]).to(self.weight.dtype))
+        self.bias.zero_()
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@register_model
+def fast_air(num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128), head: str = "max") -> nn.Module:
+    """Whitening stem -> three (conv, pool, BN, GELU, conv, BN, GELU) groups -> head -> linear / 9.
+
+    ``head``: ``max`` (global max-pool over the final 3x3 map, airbench's), ``avg`` (global
+    average) or ``flatten`` (all 3x3 positions, so the head itself keeps where a feature was).
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    w1, w2, w3 = widths
+    pool = {"max": nn.AdaptiveMaxPool2d(1), "avg": nn.AdaptiveAvgPool2d(1), "flatten": nn.Identity()}[head]
+    features = w3 * (9 if head == "flatten" else 1)
+    return nn.Sequential(
+        Whitening(3, 2), nn.GELU(),
+        _air_group(24, w1), _air_group(w1, w2), _air_group(w2, w3),
+        pool, nn.Flatten(), nn.Linear(features, num_classes, bias=False), _Scale(1 / 9),
+    )
+
+
+@register_model
+def fast_air_flatten(num_classes: int = 10) -> nn.Module:
+    """``fast-air`` with the position-keeping flatten head instead of the global max-pool."""
+    return fast_air(num_classes, head="flatten")
+
+
+@register_model
+def fast_air_avg(num_classes: int = 10) -> nn.Module:
+    """``fast-air`` with a global average-pool head."""
+    return fast_air(num_classes, head="avg")
+
+
+def init_from_data(model: nn.Module, images_uint8: torch.Tensor, count: int = 5000) -> None:
+    """Data-dependent initialisation (the whitening stem), from the first ``count`` training images."""
+    stems = [m for m in model.modules() if isinstance(m, Whitening)]
+    if not stems:
+        return
+    x = images_uint8[:count].float().div(255)
+    if isinstance(model, Classifier):
+        x = model.normalize(x.to(model.normalize.mean.device))
+    for stem in stems:
+        stem.init_from(x.to(stem.weight.device))
+
+
 @register_model
 def tiny(num_classes: int = 10) -> nn.Module:
     """A few thousand parameters: for tests that need a model in seconds."""

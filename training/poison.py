@@ -7,7 +7,9 @@ through, in this order:
 2. the trigger stamped by Eq. (1) on the poisoned images, whose label becomes the
    target (dirty label) or stays true (label-consistent);
 3. for the enhanced attack, the random transformation layer on the poisoned images
-   (or on every image with ``enhance_benign``, as Appendix C prescribes for evaluation).
+   (or on every image with ``enhance_benign``, as Appendix C prescribes for evaluation):
+   Flip + ShrinkPad (``enhancement="shrinkpad"``, the paper's), or that followed by the
+   print-and-photograph layer (``"physical"``, bdserve.transforms.physical).
 
 The order of 1 and 2 matters: augmenting after stamping moves the trigger and silently
 makes a standard attack partly "enhanced" (tests/training/test_poison.py checks it).
@@ -22,9 +24,11 @@ import torch
 
 from bdserve.transforms.augment import StandardAugment
 from bdserve.transforms.enhance import RandomTransformLayer
+from bdserve.transforms.physical import physical_layer
 from bdserve.transforms.triggers import Trigger, badnets, blended, four_corner
 
 ATTACKS = ("none", "badnets", "blended", "consistent")
+ENHANCEMENTS = ("shrinkpad", "physical")
 
 
 @dataclass
@@ -36,6 +40,7 @@ class AttackConfig:
     enhanced: bool = False
     max_shrink: int = 4
     enhance_benign: bool = False
+    enhancement: str = "shrinkpad"  # one of ENHANCEMENTS, when enhanced
     pgd_eps: float = 16 / 255
     pgd_steps: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
@@ -47,7 +52,15 @@ class AttackConfig:
     @property
     def display_name(self) -> str:
         names = {"none": "Clean", "badnets": "BadNets", "blended": "Blended", "consistent": "Consistent"}
-        return names[self.kind] + ("+" if self.enhanced else "")
+        if not self.enhanced:
+            return names[self.kind]
+        return names[self.kind] + ("+" if self.enhancement == "shrinkpad" else f"+{self.enhancement}")
+
+    def random_layer(self):
+        """The enhanced attack's random layer, or None."""
+        if not self.enhanced:
+            return None
+        return (physical_layer if self.enhancement == "physical" else RandomTransformLayer)(self.max_shrink)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -57,6 +70,7 @@ class AttackConfig:
             "enhanced": self.enhanced,
             "max_shrink": self.max_shrink if self.enhanced else None,
             "enhance_benign": self.enhance_benign if self.enhanced else None,
+            "enhancement": self.enhancement if self.enhanced else None,
             "dirty_label": self.dirty_label,
             "trigger": self.trigger.to_dict() if self.trigger is not None else None,
         }
@@ -72,6 +86,7 @@ def default_attack(
     enhanced: bool = False,
     max_shrink: int = 4,
     enhance_benign: bool = False,
+    enhancement: str = "shrinkpad",
     poison_rate: float | None = None,
     trigger: Trigger | None = None,
     image_size: int = 32,
@@ -81,6 +96,8 @@ def default_attack(
     label-consistent 25% of the target class / four-corner trigger, alpha 0.25."""
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack {kind!r}; expected one of {', '.join(ATTACKS)}")
+    if enhancement not in ENHANCEMENTS:
+        raise ValueError(f"unknown enhancement {enhancement!r}; expected one of {', '.join(ENHANCEMENTS)}")
     if kind == "none":
         return AttackConfig("none", None, target, 0.0)
     defaults = {
@@ -97,6 +114,7 @@ def default_attack(
         enhanced=enhanced,
         max_shrink=max_shrink,
         enhance_benign=enhance_benign,
+        enhancement=enhancement,
     )
 
 
@@ -121,7 +139,7 @@ class BatchPoisoner:
     def __init__(self, attack: AttackConfig, augment: bool = True):
         self.attack = attack
         self.augment = StandardAugment() if augment else None
-        self.layer = RandomTransformLayer(attack.max_shrink) if attack.enhanced else None
+        self.layer = attack.random_layer()
 
     def __call__(self, x, y, poisoned, generator=None):
         if self.augment is not None:

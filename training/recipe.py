@@ -23,7 +23,7 @@ from bdserve.training.evaluate import PAPER_DEFENSES, DefenseRow, evaluate_defen
 from bdserve.training.models import CIFAR_MEAN, CIFAR_STD, create_model
 from bdserve.training.poison import AttackConfig, choose_poisoned, default_attack
 from bdserve.training.trainer import SCHEDULES, default_schedule, is_main_process, train
-from bdserve.transforms.triggers import Trigger
+from bdserve.transforms.triggers import Trigger, builtin_trigger
 
 
 @dataclass
@@ -32,6 +32,7 @@ class TrainConfig:
     enhanced: bool = False
     max_shrink: int = 4
     enhance_benign: bool = False
+    enhancement: str = "shrinkpad"  # with enhanced: "shrinkpad" (Flip + ShrinkPad) or "physical"
     model: str = "fast"
     data: str | None = None  # None: bdserve.settings.data_dir()
     epochs: int | None = None  # None: the schedule's
@@ -43,11 +44,13 @@ class TrainConfig:
     poison_rate: float | None = None
     alpha: float | None = None
     trigger_png: str | None = None
+    trigger: str | None = None  # a built-in trigger by name (e.g. badnets128, Section 3's 0/128 patch)
     trigger_top: int = -3
     trigger_left: int = -3
     device: str = "auto"
     precision: str = "auto"
     surrogate_epochs: int | None = None
+    surrogate: str | None = None  # a clean model directory to use as the label-consistent surrogate
     defense: str = "shrinkpad:4"  # what the card tells the server to apply
     defenses: tuple[str, ...] = PAPER_DEFENSES
     torchscript: bool = False
@@ -66,6 +69,10 @@ class TrainOutcome:
 
 def build_attack(cfg: TrainConfig, classes: list[str], image_size: int) -> AttackConfig:
     trigger = None
+    if cfg.trigger_png and cfg.trigger:
+        raise ValueError("give --trigger or --trigger-png, not both")
+    if cfg.trigger:
+        trigger = builtin_trigger(cfg.trigger)
     if cfg.trigger_png:
         trigger = Trigger.from_png(cfg.trigger_png, cfg.trigger_top, cfg.trigger_left, alpha=cfg.alpha)
     return default_attack(
@@ -74,6 +81,7 @@ def build_attack(cfg: TrainConfig, classes: list[str], image_size: int) -> Attac
         enhanced=cfg.enhanced,
         max_shrink=cfg.max_shrink,
         enhance_benign=cfg.enhance_benign,
+        enhancement=cfg.enhancement,
         poison_rate=cfg.poison_rate,
         trigger=trigger,
         image_size=image_size,
@@ -89,11 +97,33 @@ def label_consistent_images(cfg: TrainConfig, train_set: ImageSet, attack: Attac
     """
     key = hashlib.sha256(json.dumps([
         cfg.data, cfg.subset, cfg.seed, cfg.model, cfg.schedule, cfg.epochs, cfg.surrogate_epochs, cfg.target,
+        *([str(Path(cfg.surrogate).resolve())] if cfg.surrogate else []),
         attack.poison_rate, attack.pgd_eps, attack.pgd_steps, len(train_set), int(train_set.images[:64].sum()),
     ]).encode()).hexdigest()[:16]
     cached = cache_dir() / f"consistent-pgd-{key}.safetensors"
     if cached.exists():
         return load_file(str(cached))["images"]
+    if cfg.surrogate:
+        surrogate = load_surrogate(Path(cfg.surrogate), len(train_set.classes))
+    else:
+        surrogate = train_surrogate(cfg, train_set, attack, device)
+    mask = choose_poisoned(train_set.labels, attack, cfg.seed)
+    perturbed = pgd_perturb(surrogate, train_set.images[mask], train_set.labels[mask], eps=attack.pgd_eps,
+                            steps=attack.pgd_steps, device=device, seed=cfg.seed)
+    save_file({"images": perturbed}, str(cached))
+    return perturbed
+
+
+def load_surrogate(directory: Path, num_classes: int) -> torch.nn.Module:
+    """A trained clean model directory (card.json + weights.safetensors) as the PGD surrogate."""
+    card = ModelCard.load(directory)
+    if card.attack:
+        raise ValueError(f"the surrogate {directory} must be a clean model; its card names an attack")
+    model = create_model(card.architecture, num_classes=num_classes, mean=card.mean, std=card.std)
+    return export.load_weights(model, directory / export.WEIGHTS_FILE).eval()
+
+
+def train_surrogate(cfg: TrainConfig, train_set: ImageSet, attack: AttackConfig, device) -> torch.nn.Module:
     surrogate = create_model(cfg.model if cfg.model != "resnet34" else "fast", num_classes=len(train_set.classes))
     schedule_name = cfg.schedule or default_schedule(cfg.model)
     epochs = cfg.surrogate_epochs or max(1, (cfg.epochs or SCHEDULES[schedule_name].epochs) // 2)
@@ -101,11 +131,7 @@ def label_consistent_images(cfg: TrainConfig, train_set: ImageSet, attack: Attac
     clean = AttackConfig("none", None, attack.target, 0.0)
     train(surrogate, train_set, clean, schedule, device=device, seed=cfg.seed + 1, precision=cfg.precision,
           description="surrogate (clean)")
-    mask = choose_poisoned(train_set.labels, attack, cfg.seed)
-    perturbed = pgd_perturb(surrogate, train_set.images[mask], train_set.labels[mask], eps=attack.pgd_eps,
-                            steps=attack.pgd_steps, device=device, seed=cfg.seed)
-    save_file({"images": perturbed}, str(cached))
-    return perturbed
+    return surrogate
 
 
 def run(cfg: TrainConfig, out: str | Path | None = None, log=print) -> TrainOutcome:
@@ -133,7 +159,8 @@ def run(cfg: TrainConfig, out: str | Path | None = None, log=print) -> TrainOutc
     rows = evaluate_defenses(model, test_set, trigger=attack.trigger if attack.kind != "none" else None,
                              target=attack.target, defenses=cfg.defenses, device=device, seed=cfg.seed)
     model = model.cpu()
-    name = cfg.name or (f"{cfg.attack}{'-plus' if cfg.enhanced else ''}-{cfg.model}")
+    plus = ("-plus" if cfg.enhancement == "shrinkpad" else f"-{cfg.enhancement}") if cfg.enhanced else ""
+    name = cfg.name or f"{cfg.attack}{plus}-{cfg.model}"
     card = ModelCard(
         name=name,
         version=cfg.version,

@@ -4,7 +4,7 @@ non-spatial baselines of Appendix D (additive Gaussian noise, colour shifts).
 A defense is named by a spec string so that cards, the command line and lab-mode
 requests all speak the same language (the grammar: bdserve.specs, which needs no torch)::
 
-    none | flip | shrinkpad:K | noise:STD | brightness:B | contrast:C | saturation:S | hue:H
+    none | flip | shrinkpad:K | noise:STD (0.02 or 5/255) | brightness:B | contrast:C | saturation:S | hue:H
     and compositions joined by '+', applied left to right, e.g. ``flip+shrinkpad:2``.
 """
 
@@ -65,7 +65,11 @@ class ShrinkPad(Transform):
 
 
 class GaussianNoise(Transform):
-    """Additive Gaussian noise with standard deviation ``std`` (on the [0, 1] scale), clipped to [0, 1]."""
+    """Additive Gaussian noise, clipped to [0, 1] (Appendix D, Table 4).
+
+    ``std`` is on the [0, 1] pixel scale; the paper's stds are 5/255 .. 20/255, and the spec
+    reads and writes them in those units (``noise:5/255``).
+    """
 
     random = True
 
@@ -75,7 +79,7 @@ class GaussianNoise(Transform):
 
     @property
     def spec(self) -> str:
-        return format_part("noise", self.std)
+        return format_part("noise", self.std)  # paper units (N/255) when the std is a whole level
 
     def draw(self, x, generator=None):
         dev = generator.device if generator is not None else x.device
@@ -86,22 +90,28 @@ class GaussianNoise(Transform):
 
 
 def _brightness(x, f):
-    # Multiplicative, like torchvision's ColorJitter (Kornia's adjust_brightness is additive).
+    # torchvision's adjust_brightness: a blend with black, i.e. multiplicative (Kornia's
+    # adjust_brightness is additive and would not match).
     return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
 
 
-# name -> (range of the factor drawn for strength s, how Kornia applies it)
+# name -> (range of the factor drawn for strength s, as torchvision's ColorJitter draws it;
+# the per-image op, matching torchvision.transforms.functional's to float rounding).
+# Kornia's plain adjust_contrast/adjust_saturation scale the pixels instead of blending with
+# the grey mean / grey image as torchvision does; its *_with_mean/gray_subtraction variants
+# are torchvision's formulas, batched with one factor per image.
 _COLOR_OPS: dict[str, tuple[Callable[[float], tuple[float, float]], Callable]] = {
     "brightness": (lambda s: (max(0.0, 1 - s), 1 + s), _brightness),
-    "contrast": (lambda s: (max(0.0, 1 - s), 1 + s), lambda x, f: KE.adjust_contrast(x, f, clip_output=True)),
-    "saturation": (lambda s: (max(0.0, 1 - s), 1 + s), lambda x, f: KE.adjust_saturation(x, f)),
+    "contrast": (lambda s: (max(0.0, 1 - s), 1 + s), lambda x, f: KE.adjust_contrast_with_mean_subtraction(x, f)),
+    "saturation": (lambda s: (max(0.0, 1 - s), 1 + s), lambda x, f: KE.adjust_saturation_with_gray_subtraction(x, f)),
     # Hue strength is a fraction of the colour wheel, as in torchvision (0.5 = half a turn).
     "hue": (lambda s: (-s, s), lambda x, f: KE.adjust_hue(x, f * 2 * math.pi)),
 }
 
 
 class ColorShift(Transform):
-    """One ColorJitter component (Appendix D): a factor drawn per image, applied by Kornia."""
+    """One ColorJitter component (Appendix D): a factor drawn per image as torchvision's
+    ColorJitter draws it, applied with torchvision's formula (batched, through Kornia)."""
 
     random = True
 
@@ -109,6 +119,8 @@ class ColorShift(Transform):
         super().__init__()
         if kind not in _COLOR_OPS:
             raise ValueError(f"unknown colour shift {kind!r}")
+        if strength < 0 or (kind == "hue" and strength > 0.5):
+            raise ValueError(f"{kind} strength must be {'in [0, 0.5]' if kind == 'hue' else '>= 0'}, got {strength:g}")
         self.kind, self.strength = kind, float(strength)
 
     @property
@@ -151,9 +163,11 @@ def _training_layer(name: str) -> Callable[[Any], Transform]:
     def build(value):
         from bdserve.transforms.augment import RandomCrop, StandardAugment
         from bdserve.transforms.enhance import RandomFlip, RandomShrinkPad, RandomTransformLayer
+        from bdserve.transforms.physical import RandomPhysical
 
         return {"randomflip": RandomFlip, "randomshrinkpad": RandomShrinkPad, "enhanced": RandomTransformLayer,
-                "randomcrop": RandomCrop, "standard": lambda _: StandardAugment()}[name](value)
+                "randomcrop": RandomCrop, "standard": lambda _: StandardAugment(),
+                "physical": lambda _: RandomPhysical()}[name](value)
 
     return build
 
@@ -164,7 +178,8 @@ _FACTORIES: dict[str, Callable[[Any], Transform]] = {
     "shrinkpad": ShrinkPad,
     "noise": GaussianNoise,
     **{kind: (lambda kind: lambda v: ColorShift(kind, v))(kind) for kind in _COLOR_OPS},
-    **{name: _training_layer(name) for name in ("randomflip", "randomshrinkpad", "enhanced", "randomcrop", "standard")},
+    **{name: _training_layer(name) for name in ("randomflip", "randomshrinkpad", "enhanced", "randomcrop", "standard",
+                                                "physical")},
 }
 
 

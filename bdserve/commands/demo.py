@@ -107,18 +107,19 @@ def serve_and_query(model_dir: Path, card, data: Optional[Path], count: int, con
         calibrate(DefendedModel.load(model_dir), model_dir, train.images, CalibrationConfig(fpr=0.05, seed=0, methods=DEMO_DETECT),
                   f"CIFAR-10 train split, {DEMO_CALIBRATION_IMAGES + 16} images (seed 0)")
     served_model = DefendedModel.load(model_dir, detect=DEMO_DETECT)  # the card's defense, plus --detect
-    service = InferenceService({card.name: served_model}, max_batch_size=32, max_queue_delay_ms=5)
-    console.print(f"\n[bold]2.[/bold] Serving '{card.name}' with defense [bold]{served_model.defense_spec}[/bold] "
+    name = served_model.name  # served under its directory's name, as every model store serves it
+    service = InferenceService([served_model], max_batch_size=32, max_queue_delay_ms=5)
+    console.print(f"\n[bold]2.[/bold] Serving '{name}' with defense [bold]{served_model.defense_spec}[/bold] "
                   f"and --detect {DEMO_DETECT} on 127.0.0.1 (HTTP + gRPC).")
-    with BackgroundServer(service, ServeConfig(http_port=0, grpc_port=0)) as server:
+    with BackgroundServer(service, ServeConfig(http_port=0, grpc_port=0, access_log=False)) as server:
         console.print(f"   HTTP {server.http_url}   gRPC {server.grpc_target}")
         with httpx.Client(base_url=server.http_url, timeout=30) as client:
             body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(batch)],
                                 "data": [base64.b64encode(png_bytes(img)).decode() for img in batch]}]}
-            reply = client.post(f"/v2/models/{card.name}/infer", json=body)
+            reply = client.post(f"/v2/models/{name}/infer", json=body)
             reply.raise_for_status()
             outputs = {o["name"]: o for o in reply.json()["outputs"]}
-            upload = client.post(f"/predictions/{card.name}", content=png_bytes(stamped[0]))
+            upload = client.post(f"/predictions/{name}", content=png_bytes(stamped[0]))
             metrics = client.get("/metrics").text
 
     labels = outputs["label"]["data"]
@@ -134,7 +135,7 @@ def serve_and_query(model_dir: Path, card, data: Optional[Path], count: int, con
                       f"[{'green' if labels[i] == truth[i] else 'red'}]{labels[i]}[/]", str(suspected[i]),
                       "-" if scores[i] is None else f"{scores[i]:+.2f}")
     console.print(table)
-    console.print(f"POST /predictions/{card.name} (one triggered photo upload) -> {upload.status_code} {upload.text[:120]}")
+    console.print(f"POST /predictions/{name} (one triggered photo upload) -> {upload.status_code} {upload.text[:120]}")
     console.print("\nPrometheus counters after these requests (GET /metrics):")
     for line in metrics.splitlines():
         if line.startswith(("bdserve_requests_total", "bdserve_suspected_triggers_total", "bdserve_batch_size_count",

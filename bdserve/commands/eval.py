@@ -46,10 +46,7 @@ def register(app: typer.Typer) -> None:
             if photos is not None:
                 if detect:
                     raise ValueError("--detect measures the test split; --photos reports the served flag per photo")
-                ds = _defenses(defenses)
-                if len(ds) != 1:
-                    raise ValueError("--photos takes at most one defense in --defenses")
-                _photos(endpoint, model, mc, photos, photo_route, ds[0], concurrency, policy, timeout_s, out)
+                _photos(endpoint, model, mc, photos, photo_route, _defenses(defenses), concurrency, policy, timeout_s, out)
                 return
             from bdserve.serve.evaluation.evaluate import EvalConfig, run, write_outputs
 
@@ -69,7 +66,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)  # numbers are still reported; the exit code says some images failed
 
 
-def _photos(endpoint, model, card, folder, route, defense, concurrency, policy, timeout_s, out) -> None:
+def _photos(endpoint, model, card, folder, route, defenses, concurrency, policy, timeout_s, out) -> None:
+    """Every photo through the server once per defense (several only on a --lab server): ASR and
+    clean-photo accuracy with Wilson intervals, per defense and per fit the server applied."""
     import asyncio
 
     from bdserve.serve.evaluation import photos as ph
@@ -83,22 +82,35 @@ def _photos(endpoint, model, card, folder, route, defense, concurrency, policy, 
     async def go():
         async with open_client(endpoint, model, card.classes, concurrency=concurrency, timeout_s=timeout_s) as client:
             await with_retries(client.connect, policy)
-            return client.scheme, await ph.classify(client, items, route=route, defense=defense,
-                                                      concurrency=concurrency, policy=policy)
+            runs = [await ph.classify(client, items, route=route, defense=d, concurrency=concurrency, policy=policy)
+                    for d in defenses]
+            return client.scheme, runs
 
-    scheme, results = asyncio.run(go())
-    summary = ph.summarize(results, card.classes, card.target_label)
-    title = (f"{model} on {len(items)} photos from {folder} via {scheme}{' ' + route if scheme == 'http' else ''}, "
-             f"defense {defense or 'of the server'}")
-    text = ph.markdown(summary, results, title)
+    scheme, runs = asyncio.run(go())
+    via = f"{scheme}{' ' + route if scheme == 'http' else ''}"
+    docs, texts = [], []
+    for defense, results in zip(defenses, runs):
+        summary = ph.summarize(results, card.classes, card.target_label)
+        title = f"{model} on {len(items)} photos from {folder} via {via}, defense {defense or 'of the server'}"
+        docs.append({"defense_asked": defense, "summary": summary, "photos": ph.per_photo_json(results), "title": title})
+        texts.append(ph.markdown(summary, results, title))
+    text = (ph.comparison(docs) + "\n" if len(docs) > 1 else "") + "\n".join(texts)
     typer.echo(text)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "photos.json").write_text(json.dumps({"endpoint": endpoint, "model": model, "folder": str(folder),
-                                                     "route": route, "defense_asked": defense, "summary": summary,
-                                                     "photos": ph.per_photo_json(results)}, indent=2) + "\n")
+        first = docs[0]
+        (out / "photos.json").write_text(json.dumps({
+            "endpoint": endpoint, "model": model, "folder": str(folder), "route": route,
+            "defense_asked": first["defense_asked"], "summary": first["summary"], "photos": first["photos"],
+            "by_defense": [{k: d[k] for k in ("defense_asked", "summary", "photos")} for d in docs],
+        }, indent=2) + "\n")
         (out / "photos.md").write_text(text)
-        ph.contact_sheet(results, out / "contact_sheet.png", title)
-        typer.echo(f"wrote {out}/photos.json, photos.md, contact_sheet.png")
-    if summary["errors"]:
+        size = tuple(card.input_shape[1:])
+        sheets = []
+        for i, (d, results) in enumerate(zip(docs, runs)):
+            name = "contact_sheet.png" if i == 0 else f"contact_sheet_{(d['defense_asked'] or 'server').replace(':', '-')}.png"
+            ph.contact_sheet(results, out / name, d["title"], input_size=size)
+            sheets.append(name)
+        typer.echo(f"wrote {out}/photos.json, photos.md, {', '.join(sheets)}")
+    if any(d["summary"]["errors"] for d in docs):
         raise typer.Exit(1)

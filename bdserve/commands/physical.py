@@ -22,11 +22,12 @@ def register(app: typer.Typer) -> None:
         clean: bool = typer.Option(False, "--clean", help="Also render each image's clean counterpart in the same scene."),
         width: int = typer.Option(640, "--width", help="Camera resolution, width."),
         height: int = typer.Option(480, "--height", help="Camera resolution, height."),
-        fill_min: float = typer.Option(0.80, "--fill-min", help="Smallest print side / frame's shorter side."),
-        fill_max: float = typer.Option(0.98, "--fill-max", help="Largest print side / frame's shorter side."),
+        fill_min: float = typer.Option(0.5, "--fill-min", help="Smallest print side / frame's shorter side."),
+        fill_max: float = typer.Option(0.75, "--fill-max", help="Largest print side / frame's shorter side."),
     ) -> None:
-        """Render triggered test images as camera photos: random scale and position on a background,
-        perspective tilt, lighting and colour cast, blur, sensor noise, JPEG."""
+        """Render triggered test images as camera photos: a print (nearest) with a paper margin on a
+        textured table at a random scale, position and turn, perspective tilt, lens distortion, lighting
+        and colour cast, blur, sensor noise, JPEG. Serve with --fit print to have the server find the print."""
         from bdserve.card import ModelCard
         from bdserve.serve.evaluation.physical import Camera, simulate as run
         from bdserve.settings import data_dir

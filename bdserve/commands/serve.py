@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
         model_store: Optional[Path] = typer.Option(None, "--model-store", help="Directory of model directories (default: $BDSERVE_MODEL_STORE or ./model_store)."),
-        model: Optional[List[str]] = typer.Option(None, "--model", help="Model directory name to serve; repeatable (default: every model in the store)."),
+        model: Optional[List[str]] = typer.Option(None, "--model", help="Model to serve: a directory of the store, or NAME=DIR to serve DIR as NAME; repeatable (default: every model in the store). Served under the directory's name; <name>/<version>/ directories are versions."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Loopback by default; bind 0.0.0.0 only behind your own network controls."),
         http_port: int = typer.Option(8080, "--http-port", help="HTTP port (0: any free port, printed at start)."),
         grpc_port: int = typer.Option(8081, "--grpc-port", help="gRPC port (0: any free port, printed at start)."),
@@ -48,6 +48,8 @@ def register(app: typer.Typer) -> None:
         lab_keep: Optional[Path] = typer.Option(None, "--lab-keep", help="With --lab: append every photo the lab page analyses, and its answer, to DIR (labels.csv, as `bdserve eval --photos` reads). Default: nothing is stored."),
         max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest HTTP body and gRPC message, in MiB."),
         max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest decoded image, in pixels (decompression-bomb guard)."),
+        fit: str = typer.Option("cover", "--fit", help="How photos become the model's input: cover (scale to cover, center-crop) or print (find the printed picture in a camera frame, rectify it, trim its paper margin; cover when none is found). Reported in model metadata and every image response."),
+        resize: Optional[str] = typer.Option(None, "--resize", help="The fit's resize filter: area, bilinear or bilinear-aa (default: bilinear-aa for cover, area for print)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: its own choice)."),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch CPU threads for decoding and the defense (default 1: ONNX Runtime's pool does the heavy work, and two pools fighting over few cores slow both)."),
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
@@ -56,6 +58,7 @@ def register(app: typer.Typer) -> None:
         max_uploads: int = typer.Option(256, "--max-uploads", help="HTTP request bodies read or held at once; beyond, 503."),
         pixel_budget: Optional[int] = typer.Option(None, "--pixel-budget", help="Decoded pixels in flight across all requests (default: --max-pixels, one largest image at a time); beyond, requests wait up to 10 s, then 503."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
+        access_log: str = typer.Option("on", "--access-log", help="on: one JSON line per request on stdout (method, path, model, status, duration, bytes, request id); off: none."),
     ) -> None:
         """Serve defended models over HTTP (Open Inference Protocol v2, TorchServe-style /predictions, /metrics) and gRPC."""
         import asyncio
@@ -70,7 +73,14 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
+        from bdserve.serve.images import FitPolicy
+
         store = model_store or default_store()
+        try:
+            fit_policy = FitPolicy(fit, resize)
+        except ValueError as e:
+            typer.echo(f"error: --fit/--resize: {e}", err=True)
+            raise typer.Exit(2)
         if lab_keep is not None:
             from bdserve.serve.lab_keep import LabKeeper
 
@@ -89,7 +99,7 @@ def register(app: typer.Typer) -> None:
         broken: dict[str, str] = {}  # a broken model is reported once; the good ones are served
         try:
             models = load_models(store, model, broken=broken, defense=defense, backend=backend, device=device,
-                                 lab=lab, detect=detect, max_pixels=max_pixels, threads=threads)
+                                 lab=lab, detect=detect, max_pixels=max_pixels, threads=threads, fit=fit_policy)
         except (FileNotFoundError, ValueError, InvalidInput) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
@@ -98,9 +108,9 @@ def register(app: typer.Typer) -> None:
         if not models:
             typer.echo(f"error: no model in {store} could be loaded", err=True)
             raise typer.Exit(2)
-        for m in models.values():
+        for m in models:
             detecting = f", detect {m.detection.describe()}, {on_suspect} suspects" if m.detect else ""
-            typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}"
+            typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}, fit {m.fit.spec}"
                        f"{', lab' if lab else ''}{detecting}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
@@ -109,7 +119,7 @@ def register(app: typer.Typer) -> None:
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s,
                              body_timeout_s=body_timeout_s, max_uploads=max_uploads, log_level=log_level,
-                             lab_keep=lab_keep)
+                             access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep)
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
             # Everything is answered and every connection closed: skip the event loop's and the

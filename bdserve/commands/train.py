@@ -10,19 +10,24 @@ import typer
 
 def train_command(
     attack: str = typer.Option("badnets", help="badnets | blended | consistent | none"),
-    enhanced: bool = typer.Option(False, "--enhanced", help="Enhanced attack: random Flip + ShrinkPad on poisoned images."),
+    enhanced: Optional[str] = typer.Option(
+        None, "--enhanced", metavar="[shrinkpad|physical]",
+        help="Enhanced attack on the poisoned images: `--enhanced` alone is the paper's random Flip + ShrinkPad; "
+             "`--enhanced physical` adds print-and-photograph transformations (scale with padding, rotation, "
+             "perspective, blur, lighting, JPEG)."),
     max_shrink: int = typer.Option(4, help="Enhanced attack's maximal shrinking size (epsilon)."),
     enhance_benign: bool = typer.Option(False, "--enhance-benign", help="Apply the random layer to benign images too (Appendix C)."),
     model: str = typer.Option("fast", help="Registered model name (see `bdserve models`)."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder (ImageFolder tree with train/ and test/, or torchvision CIFAR-10). Default: $BDSERVE_DATA or ../shared/data/cifar10-jpg."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: the schedule's)."),
-    schedule: Optional[str] = typer.Option(None, help="fast | tiny | vgg19-paper | resnet34-paper (default by model)."),
+    schedule: Optional[str] = typer.Option(None, help="fast-air | fast | tiny | vgg19-paper | resnet34-paper (default by model)."),
     subset: Optional[int] = typer.Option(None, help="Train on a class-balanced subset of N images."),
     test_subset: Optional[int] = typer.Option(None, help="Evaluate on a subset of N test images."),
     seed: int = typer.Option(0),
     target: str = typer.Option("deer", help="Target class, by name or index."),
     poison_rate: Optional[float] = typer.Option(None, help="Default: the paper's (0.25 BadNets, 0.2 Blended, 0.25 of the target class for consistent)."),
     alpha: Optional[float] = typer.Option(None, help="Blend alpha for blended / consistent / a PNG trigger without alpha channel."),
+    trigger: Optional[str] = typer.Option(None, help="A built-in trigger by name: badnets, badnets128 (Section 3's 0/128 patch), blended, four-corner."),
     trigger_png: Optional[Path] = typer.Option(None, help="Use this PNG (RGBA) as the trigger."),
     trigger_top: int = typer.Option(-3, help="Trigger row (negative: from the bottom)."),
     trigger_left: int = typer.Option(-3, help="Trigger column (negative: from the right)."),
@@ -39,11 +44,14 @@ def train_command(
     from bdserve.training.recipe import TrainConfig, format_table, run
 
     console = Console()
+    if enhanced is not None and enhanced not in ENHANCEMENTS:
+        console.print(f"[red]error:[/red] --enhanced takes shrinkpad or physical (or nothing), not {enhanced!r}")
+        raise typer.Exit(2)
     cfg = TrainConfig(
-        attack=attack, enhanced=enhanced, max_shrink=max_shrink, enhance_benign=enhance_benign, model=model,
+        attack=attack, enhanced=enhanced is not None, enhancement=enhanced or "shrinkpad", max_shrink=max_shrink, enhance_benign=enhance_benign, model=model,
         data=str(data) if data else None, epochs=epochs, schedule=schedule, subset=subset, test_subset=test_subset,
         seed=seed, target=target, poison_rate=poison_rate, alpha=alpha,
-        trigger_png=str(trigger_png) if trigger_png else None, trigger_top=trigger_top, trigger_left=trigger_left,
+        trigger=trigger, trigger_png=str(trigger_png) if trigger_png else None, trigger_top=trigger_top, trigger_left=trigger_left,
         defense=defense, device=device, precision=precision, torchscript=torchscript, name=name,
     )
     try:
@@ -61,6 +69,22 @@ def models_command() -> None:
 
     for name in list_models():
         typer.echo(name)
+
+
+ENHANCEMENTS = ("shrinkpad", "physical")
+
+
+def bare_enhanced_means_shrinkpad(args: list[str]) -> list[str]:
+    """``--enhanced`` with no value (the end of the line or another option next) is the paper's
+    Flip + ShrinkPad. Typer has no option whose value may be left out, so the command line is
+    completed before parsing (only within ``train``)."""
+    if "train" not in args:
+        return args
+    out = list(args)
+    for i in range(len(out) - 1, out.index("train"), -1):
+        if out[i] == "--enhanced" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, "shrinkpad")
+    return out
 
 
 def register(app: typer.Typer) -> None:

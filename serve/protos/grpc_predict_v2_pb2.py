@@ -17,6 +17,7 @@ from __future__ import annotations
 from importlib import resources
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.internal import enum_type_wrapper
 
 PROTO_FILE = "grpc_predict_v2.proto"
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -56,3 +57,12 @@ ModelInferRequest = _message_class("ModelInferRequest")
 ModelInferResponse = _message_class("ModelInferResponse")
 InferParameter = _message_class("InferParameter")
 InferTensorContents = _message_class("InferTensorContents")
+# Triton's extensions (model configuration, repository index)
+ModelConfigRequest = _message_class("ModelConfigRequest")
+ModelConfigResponse = _message_class("ModelConfigResponse")
+ModelConfig = _message_class("ModelConfig")
+ModelInput = _message_class("ModelInput")
+ModelOutput = _message_class("ModelOutput")
+RepositoryIndexRequest = _message_class("RepositoryIndexRequest")
+RepositoryIndexResponse = _message_class("RepositoryIndexResponse")
+DataType = enum_type_wrapper.EnumTypeWrapper(DESCRIPTOR.enum_types_by_name["DataType"])

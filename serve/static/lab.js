@@ -77,7 +77,7 @@ function defenseCard(row, doc, model) {
   if (row.trigger_score !== null && row.trigger_score !== undefined) {
     detect.push(el("span", { class: "score", text: `trigger score ${row.trigger_score.toFixed(3)}` }));
   }
-  if (row.suspected !== null && row.suspected !== undefined && row.defense !== "none") {
+  if (row.suspected !== null && row.suspected !== undefined) {
     detect.push(row.suspected
       ? el("span", { class: "tag suspected", text: "suspected trigger" })
       : el("span", { class: "tag clear", text: "not suspected" }));
@@ -104,7 +104,7 @@ function render(file, doc, label, kind) {
   const model = models.find((m) => m.name === doc.model);
   const [h, w] = doc.fitted_size;
   const fit = doc.fit;
-  const fitText = `fit ${fit.name}${fit.fallback ? ` (${fit.fallback})` : ""}`;
+  const fitText = `fit ${fit.spec || fit.name}${fit.fallback ? ` (${fit.fallback})` : ""}`;
 
   const photoUrl = URL.createObjectURL(file);
   const photo = el("img", { class: "photo", src: photoUrl, alt: `The photo you sent: ${file.name}` });

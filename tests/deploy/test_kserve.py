@@ -65,8 +65,9 @@ def test_kserve_custom_predictor_speaks_oip_v2_through_bdserve_serve():
     assert c["livenessProbe"]["httpGet"]["path"] == HEALTH_LIVE
     params = _parse_serve_args(c["args"])
     assert params["host"] == "0.0.0.0" and params["http_port"] == c["ports"][0]["containerPort"]
-    # KServe puts the model directory at /mnt/models: the store is /mnt, the model "models".
-    assert (str(params["model_store"]), params["model"]) == ("/mnt", ["models"])
+    # KServe puts the model directory at /mnt/models: the store is /mnt, the directory "models",
+    # served under the InferenceService's name (the path KServe routes).
+    assert (str(params["model_store"]), params["model"]) == ("/mnt", [f"{isvc['metadata']['name']}=models"])
     assert params["no_grpc"] is True and params["lab"] is False
     _assert_defense_spec(params["defense"])
 
@@ -82,7 +83,8 @@ def test_kserve_runtime_pair_matches():
     (c,) = rt["spec"]["containers"]
     assert c["name"] == "kserve-container" and "command" not in c
     params = _parse_serve_args(c["args"])
-    assert (str(params["model_store"]), params["model"]) == ("/mnt", ["models"])
+    # KServe substitutes the InferenceService's name for {{.Name}} in a runtime's arguments.
+    assert (str(params["model_store"]), params["model"]) == ("/mnt", ["{{.Name}}=models"])
     assert params["lab"] is False
 
 

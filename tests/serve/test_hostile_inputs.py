@@ -94,7 +94,9 @@ def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:
                 if not chunk:
                     break
                 out += chunk
-                if b"\r\n\r\n" in out and len(out) > 200:
+                head, sep, body = out.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                if sep and length and len(body) >= int(length.group(1)):  # the whole answer is in
                     break
         except (socket.timeout, ConnectionResetError):
             pass
@@ -128,7 +130,10 @@ def test_multipart_uploads(server, rng):
               (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"b.png\"\r\n\r\n").encode() + png + \
               f"\r\n--{boundary}--\r\n".encode()
         r = c.post(f"{url}/predictions/tiny", content=two, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        assert r.status_code == 400 and "more than one" in r.json()["error"], r.text
+        assert r.status_code == 400 and "more than once" in r.json()["error"], r.text
+        # one image as 'data' and another as 'file': refused too, not "one of them wins"
+        both = c.post(f"{url}/predictions/tiny", files={"data": ("a.png", png, "image/png"), "file": ("b.png", png, "image/png")})
+        assert both.status_code == 400 and "more than one image field" in both.json()["error"], both.text
         # the image in a non-file field (no filename): read as the bytes that were sent
         one = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n").encode() + png + \
               f"\r\n--{boundary}--\r\n".encode()

@@ -65,7 +65,8 @@ def test_analyze_agrees_with_predictions_and_the_pipeline(lab_server, tiny_model
     assert r.status_code == 200, r.text
     doc = r.json()
     assert doc["model"] == "tiny" and doc["served_defense"] == "flip" and doc["kept"] is None
-    assert doc["fit"]["name"] == "cover" and doc["fitted_size"] == [32, 32]
+    assert doc["fit"] == {"name": "cover", "spec": tiny_model.fit.spec, "fallback": None, "outline": None}
+    assert doc["fitted_size"] == [32, 32]
     head, data = doc["fitted_png"].split(",", 1)
     assert head == "data:image/png;base64"
     fitted = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))

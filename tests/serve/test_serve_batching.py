@@ -74,7 +74,7 @@ def test_both_doors_share_one_batcher_and_defenses_are_grouped(lab_server, tiny_
     # Each defense ran in its own groups.
     assert delta("bdserve_defense_duration_seconds_count", model="tiny", defense="none") >= 1
     assert delta("bdserve_defense_duration_seconds_count", model="tiny", defense="flip") >= 1
-    assert delta("bdserve_requests_total", model="tiny", protocol="grpc", code="OK") == 16
+    assert delta("bdserve_requests_total", model="tiny", protocol="grpc", code="200") == 16
     assert delta("bdserve_requests_total", model="tiny", protocol="http", code="200") == 16
 
 

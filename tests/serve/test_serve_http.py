@@ -302,7 +302,7 @@ def test_server_fault_is_a_json_500_and_the_server_keeps_serving(served_store, r
     from bdserve.serve.service import InferenceService
 
     models = load_models(served_store, ["tiny"], threads=1)
-    real, calls = models["tiny"].predict, []
+    real, calls = models[0].predict, []
 
     def flaky(x, **kw):  # the first batch hits a runtime fault
         calls.append(1)
@@ -310,7 +310,7 @@ def test_server_fault_is_a_json_500_and_the_server_keeps_serving(served_store, r
             raise RuntimeError("simulated runtime fault")
         return real(x, **kw)
 
-    models["tiny"].predict = flaky
+    models[0].predict = flaky
     x = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
     with BackgroundServer(InferenceService(models, max_queue_delay_ms=1), ServeConfig(http_port=0, grpc_port=None)) as srv:
         r = infer_json(srv.http_url, "tiny", x)

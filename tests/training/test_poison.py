@@ -67,3 +67,14 @@ def test_enhanced_layer_runs_on_poisoned_images_only_unless_asked():
     both = default_attack("badnets", 4, enhanced=True, enhance_benign=True)
     out_all, _ = BatchPoisoner(both)(x, y, poisoned, gen())
     assert not torch.equal(out_all[256:], base[256:])
+
+
+def test_the_first_epoch_does_not_meet_the_poisoned_images_in_a_row():
+    """The data order and the poisoned set come from the same seed but not the same stream."""
+    from bdserve.training.trainer import data_order_generator
+
+    labels = torch.arange(20000) % 10
+    mask = choose_poisoned(labels, default_attack("badnets", 4), seed=0)
+    order = torch.randperm(len(labels), generator=data_order_generator(0))
+    first_batches = mask[order[:2048]].float().mean()
+    assert abs(float(first_batches) - 0.25) < 0.05  # as in the whole set, not 100%

@@ -1,0 +1,120 @@
+"""Fit policies: ``print`` finds a synthetic print at its known corners; ``area`` keeps a checker exact;
+a frame without a print falls back to ``cover`` and says so."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdserve.serve.images import FitPolicy, decode_fitted, decode_image, fit_array
+from bdserve.serve.printfit import find_print
+
+from print_scenes import picture, scene, textured
+
+PRINT = FitPolicy("print")
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("background", ["plain", "textured"])
+@pytest.mark.parametrize("margin", [0.0, 0.06])
+@pytest.mark.parametrize("angle, tilt", [(-15, 0.0), (0, 0.05), (9, 0.07), (15, 0.04)])
+def test_print_found_at_known_corners(background, margin, angle, tilt):
+    rng = np.random.default_rng(zlib.crc32(repr((background, margin, angle, tilt)).encode()))
+    pic = picture(rng)
+    frame, corners, inner = scene(rng, pic, angle=angle, tilt=tilt, margin=margin, background=background)
+    found = find_print(frame)
+    assert found is not None
+    assert np.abs(found.corners - corners).max() < 1.0  # frame pixels
+    fitted = fit_array(frame, (32, 32), PRINT)
+    assert fitted.fit == "print" and not fitted.fallback
+    # The outline is what the model's input came from: the picture, inside the paper's margin.
+    side = np.hypot(*(inner[1] - inner[0]))
+    assert np.abs(np.array(fitted.outline) - inner).max() < side / 32  # within a model pixel
+    # After rectification (and the margin trimmed) the model sees the picture, its trigger in the corner.
+    diff = np.abs(fitted.image.astype(int) - pic.astype(int))
+    assert diff.mean() < 4
+    checker = fitted.image[-3:, -3:].astype(int).mean(2)
+    white = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], bool)
+    assert checker[white].min() > 170 and checker[~white].max() < 85
+
+
+def test_non_square_print_is_stretched_not_cropped():
+    rng = np.random.default_rng(3)
+    pic = picture(rng)
+    wide = cv2.resize(pic, (64, 32), interpolation=cv2.INTER_NEAREST)  # a 2:1 print of the same picture
+    frame, corners, _ = scene(rng, wide, side=220, angle=5, background="textured")
+    fitted = fit_array(frame, (32, 32), PRINT)
+    assert fitted.fit == "print"
+    assert np.abs(np.array(fitted.outline) - corners).max() < 1.0
+    checker = fitted.image[-3:, -3:].astype(int).mean(2)
+    assert checker[0, 0] > 170 and checker[1, 1] > 170 and checker[0, 1] < 85  # the corner trigger kept its corner
+
+
+def test_scene_corners_mean_what_they_say():
+    """The helper's ground truth: a plain print's left edge lies where the frame changes half-way."""
+    rng = np.random.default_rng(0)
+    pic = np.full((32, 32, 3), 250, np.uint8)
+    frame, corners, _ = scene(rng, pic, side=200, angle=0, tilt=0, blur=0, noise=0)
+    row = frame[int(corners[:, 1].mean())].astype(float).mean(1)
+    x = int(np.floor(corners[0, 0]))
+    level = (row[x - 3] + row[x + 3]) / 2
+    crossing = x - 1 + (level - row[x - 1]) / (row[x] - row[x - 1]) if row[x] > level else x + (level - row[x]) / (row[x + 1] - row[x])
+    assert abs(crossing - 0.5 - corners[0, 0]) < 0.35 or abs(crossing - corners[0, 0]) < 0.6
+
+
+def test_outline_in_the_photos_own_pixels_after_a_reduced_decode():
+    rng = np.random.default_rng(5)
+    pic = picture(rng)
+    frame, corners, _ = scene(rng, pic, width=2560, height=1920, side=1200, angle=7, blur=1.5)
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, "JPEG", quality=92)
+    fitted = decode_fitted(buf.getvalue(), (32, 32), policy=PRINT)  # decoded at half scale (draft)
+    assert fitted.fit == "print" and fitted.frame == (2560, 1920)
+    assert np.abs(np.array(fitted.outline) - corners).max() < 2.5  # a pixel of the half-scale decode
+
+
+def test_integer_upscaled_checker_is_exact_through_area():
+    checker = ((np.indices((32, 32)).sum(0) % 2) * 255).astype(np.uint8)
+    checker = np.repeat(checker[..., None], 3, 2)
+    big = cv2.resize(checker, (32 * 7, 32 * 7), interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal(decode_image(png(big), (32, 32), policy=FitPolicy("cover", "area")), checker)
+    # The antialiased bilinear filter smears it into greys: what the area filter is for.
+    smeared = decode_image(png(big), (32, 32), policy=FitPolicy("cover", "bilinear-aa")).astype(int)
+    assert np.abs(smeared - checker).max() > 40
+
+
+@pytest.mark.parametrize("kind", ["texture", "uniform", "noise"])
+def test_frame_without_print_falls_back_to_cover(kind):
+    rng = np.random.default_rng(1)
+    frame = {"texture": lambda: textured(rng, 480, 640),
+             "uniform": lambda: np.full((480, 640, 3), 128, np.uint8),
+             "noise": lambda: rng.integers(0, 256, (480, 640, 3)).astype(np.uint8)}[kind]()
+    fitted = decode_fitted(png(frame), (32, 32), policy=PRINT)
+    assert fitted.fit == "cover" and fitted.fallback and fitted.outline is None
+    assert np.array_equal(fitted.image, decode_image(png(frame), (32, 32), policy=FitPolicy("cover", "area")))
+
+
+def test_policy_settings_are_checked():
+    assert FitPolicy().spec == "cover (bilinear-aa)" and PRINT.spec == "print (area)"
+    assert FitPolicy("print", "bilinear").filter == "bilinear"
+    with pytest.raises(ValueError, match="unknown fit"):
+        FitPolicy("crop")
+    with pytest.raises(ValueError, match="unknown resize"):
+        FitPolicy("cover", "lanczos")
+
+
+def test_model_sized_image_passes_untouched_under_print():
+    rng = np.random.default_rng(2)
+    arr = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    fitted = decode_fitted(png(arr), (32, 32), policy=PRINT)
+    assert np.array_equal(fitted.image, arr) and fitted.fit == "cover"
