@@ -122,17 +122,34 @@ def resize(arr: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
     raise ValueError(f"unknown resize filter {method!r}")
 
 
-def cover(arr: np.ndarray, size: tuple[int, int], method: str = "bilinear-aa") -> np.ndarray:
-    """Cover-fit: crop the centre to the target's aspect ratio (like ImageOps.fit), then resize."""
+def cover_box(ih: int, iw: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centre of an (ih, iw) photo with the target's aspect ratio (like ImageOps.fit), as
+    Pillow's box (left, top, right, bottom)."""
     h, w = size
-    ih, iw = arr.shape[:2]
     if iw * h > ih * w:
         cw = max(1, round(ih * w / h))
-        arr = arr[:, (iw - cw) // 2:(iw - cw) // 2 + cw]
-    else:
-        ch = max(1, round(iw * h / w))
-        arr = arr[(ih - ch) // 2:(ih - ch) // 2 + ch]
-    return resize(np.ascontiguousarray(arr), size, method)
+        return (iw - cw) // 2, 0, (iw - cw) // 2 + cw, ih
+    ch = max(1, round(iw * h / w))
+    return 0, (ih - ch) // 2, iw, (ih - ch) // 2 + ch
+
+
+def cover(arr: np.ndarray, size: tuple[int, int], method: str = "bilinear-aa") -> np.ndarray:
+    """Cover-fit: crop the centre to the target's aspect ratio, then resize."""
+    left, top, right, bottom = cover_box(*arr.shape[:2], size)
+    return resize(np.ascontiguousarray(arr[top:bottom, left:right]), size, method)
+
+
+def cover_image(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """``cover(np.asarray(im), size, "bilinear-aa")`` done on the decoded image itself, so a large
+    photo is never also held as an array (Pillow keeps 4 bytes a pixel, the array 3: 196 + 147 MB
+    at 7000x7000, plus the conversion's own copy)."""
+    h, w = size
+    box = cover_box(im.height, im.width, size)
+    if box != (0, 0, im.width, im.height):
+        im = im.crop(box)
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    return np.array(im, dtype=np.uint8)
 
 
 def fit_array(arr: np.ndarray, size: tuple[int, int], policy: FitPolicy = COVER) -> Fitted:
@@ -149,8 +166,21 @@ def fit_array(arr: np.ndarray, size: tuple[int, int], policy: FitPolicy = COVER)
 
 
 def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> tuple[np.ndarray, float]:
-    """One encoded image -> upright uint8 RGB array (h, w, 3), and the photo's own size over the
-    decoded one. Raises InvalidInput.
+    """One encoded image -> upright uint8 RGB array (h, w, 3) (read-only), and the photo's own
+    size over the decoded one. Raises InvalidInput."""
+    im, scale = open_upright_image(blob, max_pixels, draft)
+    # A view of the bytes Pillow hands over, not one more copy; the image's own buffer goes at once.
+    arr = np.asarray(im)
+    im.close()
+    if arr.ndim != 3 or arr.shape[2] != 3:  # e.g. a mode Pillow converted oddly
+        raise InvalidInput(f"could not convert the image to RGB (got array {arr.shape})")
+    return arr, scale
+
+
+def open_upright_image(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       draft: int | None = None) -> tuple[Image.Image, float]:
+    """One encoded image -> the upright, decoded RGB Pillow image, and the photo's own size over
+    the decoded one. Raises InvalidInput.
 
     ``draft``: a JPEG may be decoded at a reduced scale (libjpeg's DCT scaling) as long as
     both sides stay at least this large."""
@@ -177,7 +207,6 @@ def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int |
             ImageOps.exif_transpose(im, in_place=True)
             if im.mode != "RGB":
                 im = im.convert("RGB")
-            arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
     except InvalidInput:
         raise
     except UnidentifiedImageError:
@@ -187,9 +216,7 @@ def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int |
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError, odd modes as ValueError.
         raise InvalidInput(f"corrupt or truncated image: {e}") from None
-    if arr.ndim != 3 or arr.shape[2] != 3:  # e.g. a mode Pillow converted oddly
-        raise InvalidInput(f"could not convert the image to RGB (got array {arr.shape})")
-    return arr, scale
+    return im, scale
 
 
 def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -198,10 +225,16 @@ def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_
     m = max(size)
     # Cover needs little more than the model's size; finding a print needs the print's edges sharp.
     draft = m if policy.policy == "cover" else max(PRINT_DECODE_SIDE, 16 * m)
-    arr, scale = open_upright(blob, max_pixels, draft)
-    fitted = fit_array(arr, size, policy)
+    if policy.policy == "cover" and policy.filter == "bilinear-aa":  # the default: Pillow's own filter
+        im, scale = open_upright_image(blob, max_pixels, draft)
+        fitted = Fitted(cover_image(im, size), "cover", frame=im.size)
+    else:
+        arr, scale = open_upright(blob, max_pixels, draft)
+        fitted = fit_array(arr, size, policy)
+        if not fitted.image.flags.writeable:  # a photo already at the model's size is the decoded view itself
+            fitted.image = fitted.image.copy()
     if scale != 1.0:  # report the outline in the photo's own pixels, not the reduced decode's
-        fitted.frame = (round(arr.shape[1] * scale), round(arr.shape[0] * scale))
+        fitted.frame = (round(fitted.frame[0] * scale), round(fitted.frame[1] * scale))
         if fitted.outline is not None:
             fitted.outline = [[round((x + 0.5) * scale - 0.5, 2), round((y + 0.5) * scale - 0.5, 2)] for x, y in fitted.outline]
     return fitted

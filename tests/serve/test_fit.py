@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdserve.serve.images import FitPolicy, decode_fitted, decode_image, fit_array
+from bdserve.serve.images import FitPolicy, cover, cover_image, decode_fitted, decode_image, fit_array
 from bdserve.serve.printfit import find_print
 
 from print_scenes import picture, scene, textured
@@ -118,3 +118,16 @@ def test_model_sized_image_passes_untouched_under_print():
     arr = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
     fitted = decode_fitted(png(arr), (32, 32), policy=PRINT)
     assert np.array_equal(fitted.image, arr) and fitted.fit == "cover"
+
+
+def test_default_cover_on_the_decoded_image_is_the_array_cover():
+    """The default fit runs on Pillow's image (a large photo is never also held as an array): the
+    pixels must be exactly those of the array fit, for every aspect ratio and size."""
+    rng = np.random.default_rng(7)
+    shapes = [(int(a), int(b)) for a, b in rng.integers(1, 300, (60, 2))] + [(32, 32), (64, 64), (31, 33), (1, 400), (400, 1)]
+    for ih, iw in shapes:
+        arr = rng.integers(0, 256, (ih, iw, 3), dtype=np.uint8)
+        for size in [(32, 32), (24, 40), (5, 3)]:
+            got = cover_image(Image.fromarray(arr), size)
+            assert got.flags.writeable and np.array_equal(got, cover(arr, size, "bilinear-aa")), (ih, iw, size)
+        assert np.array_equal(decode_image(png(arr), (32, 32)), cover(arr, (32, 32)))
