@@ -3,9 +3,11 @@
 A 140 KiB PNG may declare 7000x7000 pixels (legal, under the per-image limit) and decode
 to 147 MB; twelve of them at once took RSS from 0.6 to 2.9 GB. ``PixelBudget`` caps the
 pixels being decoded at once across every request and door: a request reserves the
-pixels its images' headers declare (read without decoding), waits while the budget is
-spent, and gets 503 (retry later) when it has waited ``wait_s``. A request that alone
-needs more than the whole budget is refused at once (413): it could never run.
+pixels of its largest image, as its header declares it (read without decoding; a
+request's images decode one at a time, each fitted to the model's input before the
+next), waits while the budget is spent, and gets 503 (retry later) when it has waited
+``wait_s``. A request that alone needs more than the whole budget is refused at once
+(413): it could never run. Tensors arrive decoded and reserve nothing.
 
 ``give_back_memory`` asks glibc to return freed heap pages to the system (``malloc_trim``):
 large decodes leave free but resident arenas behind, which is how RSS stayed at 2.9 GB.
@@ -55,22 +57,28 @@ class PixelBudget:
     @asynccontextmanager
     async def reserve(self, pixels: int):
         pixels = int(pixels)
+        if pixels <= 0:
+            yield
+            return
         if pixels > self.limit:
-            raise PayloadTooLarge(f"the images of this request declare {pixels} pixels in all, over this server's "
+            raise PayloadTooLarge(f"an image of this request declares {pixels} pixels, over this server's "
                                   f"budget of {self.limit} decoded pixels at once (--pixel-budget); "
-                                  "send fewer or smaller images per request")
-        async with self._freed:
-            try:
-                await asyncio.wait_for(self._freed.wait_for(lambda: self.in_use + pixels <= self.limit), self.wait_s)
-            except asyncio.TimeoutError:
-                raise Overloaded(f"the server is decoding as many pixels as it may ({self.in_use} of {self.limit}); "
-                                 "retry later") from None
+                                  "send smaller images")
+        if self.in_use + pixels <= self.limit:  # room now (one event loop: nothing runs in between)
             self.in_use += pixels
+        else:
+            async with self._freed:
+                try:
+                    await asyncio.wait_for(self._freed.wait_for(lambda: self.in_use + pixels <= self.limit), self.wait_s)
+                except asyncio.TimeoutError:
+                    raise Overloaded(f"the server is decoding as many pixels as it may ({self.in_use} of {self.limit}); "
+                                     "retry later") from None
+                self.in_use += pixels
         try:
             yield
         finally:
+            self.in_use -= pixels
             async with self._freed:
-                self.in_use -= pixels
                 self._freed.notify_all()
             if pixels >= LARGE_DECODE:
                 give_back_memory()

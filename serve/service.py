@@ -158,9 +158,7 @@ class InferenceService:
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
                 raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
             blobs = list(t.value)
-            # An image over the per-image limit is refused by the decoder before any pixel is decoded.
-            pixels = sum(min(declared_pixels(b), model.max_pixels) for b in blobs)
-            async with self.pixels.reserve(pixels):
+            async with self.pixels.reserve(largest_image(model, blobs)):
                 return await asyncio.to_thread(model.decode_fitted, blobs)
         if t.datatype not in ("UINT8", "FP32"):
             raise InvalidInput(f"datatype {t.datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
@@ -177,3 +175,10 @@ class InferenceService:
         finally:
             self.metrics.observe_request(self.metric_name(model_name), protocol, box["code"],
                                          time.perf_counter() - t0)
+
+
+def largest_image(model: DefendedModel, blobs: list[bytes]) -> int:
+    """The decoded pixels a request's images need at once: they decode one at a time, each fitted
+    to the model's input before the next. An image over the per-image limit is refused by the
+    decoder before any pixel is decoded, so it counts as the limit."""
+    return max((min(declared_pixels(b), model.max_pixels) for b in blobs), default=0)
