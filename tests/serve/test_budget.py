@@ -19,8 +19,21 @@ def png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
+def jpeg(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (9, 9, 9)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def webp(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (9, 9, 9)).save(buf, "WEBP")
+    return buf.getvalue()
+
+
 def test_declared_pixels_reads_the_header_only():
-    assert declared_pixels(png(300, 200)) == 60_000
+    assert declared_pixels(png(300, 200)) == declared_pixels(jpeg(300, 200)) == declared_pixels(webp(300, 200)) == 60_000
+    assert declared_pixels(png(300, 200)[:40]) == 60_000  # the header is enough
     assert declared_pixels(b"not an image") == 0  # the decoder words that error
 
 
