@@ -49,7 +49,7 @@ JSON_CASES = [
     ("output name is an object", json.dumps({**GOOD, "outputs": [{"name": {}}]}), 400, r"outputs\.0\.name"),
     ("output name is a list", json.dumps({**GOOD, "outputs": [{"name": ["label"]}]}), 400, r"outputs\.0\.name"),
     ("401-digit FP32 value", '{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": [' + "9" * 401 + "]}]}",
-     400, "numbers"),
+     400, "numbers|infinity"),  # the schema's check, or the JSON parser's (orjson: "number is infinity")
     ("JSON nested 5000 deep", nested(5000), 400, "nested too deeply|malformed JSON"),
     ("JSON nested 100 deep", nested(100), 400, "numbers|elements|rectangular"),
     ("binary_data_size: true", json.dumps(tensor(data=None, parameters={"binary_data_size": True})), 400,
