@@ -139,7 +139,7 @@ class _HttpBase(Client):
         try:
             r = await self.http.request(method, path, **kw)
         except (self._httpx.ConnectError, self._httpx.ConnectTimeout) as e:  # no server there
-            raise Unreachable(f"cannot connect to {self.address}: {type(e).__name__}: {e or 'connection failed'}") from None
+            raise Unreachable(f"{type(e).__name__}: {e or 'connection failed'}") from None
         except self._httpx.TransportError as e:  # reset, timed out: the request had no answer
             raise TransientError(f"{type(e).__name__}: {e or 'connection failed'}") from None
         if r.status_code in TRANSIENT_HTTP:
@@ -282,7 +282,7 @@ class GrpcClient(Client):
         except grpc.aio.AioRpcError as e:
             code = e.code()
             if code == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "").lower():
-                raise Unreachable(f"cannot connect to {self.address}: gRPC {code.name}: {e.details()}") from None
+                raise Unreachable(f"gRPC {code.name}: {e.details()}") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise TransientError(f"gRPC {code.name}: {e.details()}") from None
             raise PermanentError(f"gRPC {code.name}: {e.details()}") from None

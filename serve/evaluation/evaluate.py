@@ -12,8 +12,7 @@ from bdserve.serve.evaluation import plots, report
 from bdserve.serve.evaluation.clients import open_client
 from bdserve.serve.evaluation.detection import roc_figure, served_detection
 from bdserve.serve.evaluation.heldout import build_sets
-from bdserve.serve.evaluation.retry import (CircuitBreaker, EndpointUnreachable, PermanentError, RetriesExhausted,
-                                            RetryPolicy, Unreachable, with_retries)
+from bdserve.serve.evaluation.retry import CircuitBreaker, PermanentError, RetryPolicy, with_retries
 from bdserve.serve.evaluation.runner import run_sets
 
 
@@ -43,14 +42,9 @@ async def evaluate(cfg: EvalConfig) -> dict:
                            timeout_s=cfg.timeout_s, headers=cfg.headers) as client:
         if any(d is not None for d in cfg.defenses) and not client.can_choose_defense:
             raise ValueError(f"{client.scheme} endpoints apply their own defense; drop --defenses")
-        # The server may still be starting: connecting is bounded by --retries, not the breaker.
-        try:
-            await with_retries(client.connect, cfg.retry)
-        except RetriesExhausted as e:
-            if isinstance(e.last, Unreachable):
-                raise EndpointUnreachable(f"nothing answers at {cfg.endpoint} ({e.last}); is the server running "
-                                          "and --endpoint right?") from None
-            raise
+        # The server may still be starting: connecting is bounded by --retries, not the breaker
+        # (an endpoint that never answers ends as RetriesExhausted: the CLI's one line).
+        await with_retries(client.connect, cfg.retry)
         breaker = CircuitBreaker()  # one for the whole evaluation: a server dying mid-run stops it in seconds
         if cfg.detect and not client.detect:
             raise ValueError(f"--detect: model {cfg.model} at {cfg.endpoint} sends no trigger scores; serve it with "

@@ -43,10 +43,6 @@ class CircuitOpen(RetriesExhausted):
     """The breaker tripped: the server has been unreachable too many times in a row."""
 
 
-class EndpointUnreachable(ValueError):
-    """Nothing answers at the endpoint at all: a wrong --endpoint, or no server (one line for the CLI)."""
-
-
 class CircuitBreaker:
     """Counts consecutive ``Unreachable`` failures across every request of a run; at ``threshold``
     it opens, and every request after that fails at once with ``CircuitOpen``."""
