@@ -134,14 +134,10 @@ def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:
 
 
 def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
-                       interceptors=(), reuse_port: bool = False) -> grpc.aio.Server:
-    """``reuse_port``: only for ``--workers`` (serve/workers.py), which holds the port for its workers.
-    grpcio sets SO_REUSEPORT by default: a second server would then share a busy port and take
-    part of its traffic; off, binding a busy port fails."""
-    server = grpc.aio.server(interceptors=list(interceptors), options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", int(reuse_port)),
+                       reuse_port: bool = False, interceptors=()) -> grpc.aio.Server:
+    """``reuse_port``: only for ``--workers`` (serve/workers.py), which holds the port for its workers;
+    ``interceptors``: the shutdown drain's (serve/grpc_drain.py) and tracing's (serve/tracing.py)."""
+    server = grpc.aio.server(interceptors=list(interceptors) or None, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # grpcio sets SO_REUSEPORT by default: a second server would then share a busy port

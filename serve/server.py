@@ -38,6 +38,7 @@ from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
 from bdserve.serve.guard import GuardedH11Protocol
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
+from bdserve.serve.tracing import Tracing
 from bdserve.serve.pipeline import DefendedModel
 from bdserve.serve.service import InferenceService
 
@@ -62,6 +63,7 @@ class ServeConfig:
     http_fd: int | None = None
     grpc_shared: bool = False
     worker: int | None = None
+    otel_endpoint: str | None = None  # --otel-endpoint: OTLP/HTTP collector for traces (serve/tracing.py)
 
 
 def load_models(store: str | Path, names: list[str] | None = None, *, broken: dict[str, str] | None = None,
@@ -222,6 +224,7 @@ class Server:
         self._stop = asyncio.Event()
         bound_heap()  # large buffers go back to the system when freed
         access_log.enable(cfg.access_log)
+        self._tracing = Tracing(cfg.otel_endpoint) if cfg.otel_endpoint else None
         # Both ports are bound before anything starts, so a busy one fails with nothing to undo.
         sock = socket.socket(fileno=cfg.http_fd) if cfg.http_fd is not None else _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
@@ -237,7 +240,8 @@ class Server:
                     raise
             self._drain = DrainGate()
             self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes,
-                                            interceptors=[self._drain], reuse_port=cfg.grpc_shared)
+                                            reuse_port=cfg.grpc_shared,
+                                            interceptors=[self._drain, *(self._tracing.grpc_interceptors() if self._tracing else ())])
             self._grpc_standard = StandardServices(self._grpc, self.service.models)
             try:  # grpc.so_reuseport is off (but for workers), so a busy port fails here too
                 self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
@@ -252,6 +256,8 @@ class Server:
         self.guard = http_app.app  # under the access log: the guard closes connections at shutdown
         if cfg.worker is not None:
             http_app = _WorkerHeader(http_app, cfg.worker)
+        if self._tracing is not None:
+            http_app = self._tracing.wrap_asgi(http_app)
         self._uvicorn = _Uvicorn(uvicorn.Config(
             http_app, log_level=cfg.log_level, access_log=False, lifespan="off", http=GuardedH11Protocol,
             timeout_graceful_shutdown=cfg.grace_s,  # (_Uvicorn.shutdown keeps its own deadline)
@@ -286,6 +292,8 @@ class Server:
             waits.append(self._stop_grpc(deadline))
         await asyncio.gather(*waits, return_exceptions=True)
         await self.service.stop()
+        if self._tracing is not None:
+            self._tracing.shutdown()
         self.shutdown_s = time.monotonic() - t0
 
     async def _stop_grpc(self, deadline: float) -> None:
