@@ -148,9 +148,11 @@ def fit_array(arr: np.ndarray, size: tuple[int, int], policy: FitPolicy = COVER)
     return Fitted(cover(arr, size, policy.filter), "cover", frame=frame)
 
 
-def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> tuple[np.ndarray, float]:
-    """One encoded image -> upright uint8 RGB array (h, w, 3), and the photo's own size over the
-    decoded one. Raises InvalidInput.
+def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft: int | None = None) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """One encoded image -> upright uint8 RGB array (h, w, 3), the reduction it was decoded at (1, 2,
+    4 or 8: one decoded pixel covers that many of the photo's each way) and the upright photo's own
+    (width, height). Raises InvalidInput.
 
     ``draft``: a JPEG may be decoded at a reduced scale (libjpeg's DCT scaling) as long as
     both sides stay at least this large."""
@@ -170,7 +172,9 @@ def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int |
             if im.format == "JPEG" and draft:
                 im.draft("RGB", (draft, draft))
             im.load()
-            scale = width / im.size[0]
+            scale = 2 ** round(np.log2(width / im.size[0]))  # libjpeg rounds a reduced side up
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter: the upright frame is transposed
+                width, height = height, width
             im = ImageOps.exif_transpose(im)  # camera photos store rotation as an EXIF tag
             if im.mode != "RGB":
                 im = im.convert("RGB")
@@ -186,7 +190,7 @@ def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int |
         raise InvalidInput(f"corrupt or truncated image: {e}") from None
     if arr.ndim != 3 or arr.shape[2] != 3:  # e.g. a mode Pillow converted oddly
         raise InvalidInput(f"could not convert the image to RGB (got array {arr.shape})")
-    return arr, scale
+    return arr, scale, (width, height)
 
 
 def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -195,10 +199,10 @@ def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_
     m = max(size)
     # Cover needs little more than the model's size; finding a print needs the print's edges sharp.
     draft = m if policy.policy == "cover" else max(PRINT_DECODE_SIDE, 16 * m)
-    arr, scale = open_upright(blob, max_pixels, draft)
+    arr, scale, frame = open_upright(blob, max_pixels, draft)
     fitted = fit_array(arr, size, policy)
-    if scale != 1.0:  # report the outline in the photo's own pixels, not the reduced decode's
-        fitted.frame = (round(arr.shape[1] * scale), round(arr.shape[0] * scale))
+    fitted.frame = frame
+    if scale != 1:  # report the outline in the photo's own pixels, not the reduced decode's
         if fitted.outline is not None:
             fitted.outline = [[round((x + 0.5) * scale - 0.5, 2), round((y + 0.5) * scale - 0.5, 2)] for x, y in fitted.outline]
     return fitted

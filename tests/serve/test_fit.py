@@ -13,8 +13,7 @@ from PIL import Image
 
 from bdserve.serve.images import FitPolicy, decode_fitted, decode_image, fit_array
 from bdserve.serve.printfit import find_print
-
-from print_scenes import picture, scene, textured
+from bdserve.testing.print_scenes import picture, scene, textured
 
 PRINT = FitPolicy("print")
 
@@ -81,6 +80,20 @@ def test_outline_in_the_photos_own_pixels_after_a_reduced_decode():
     fitted = decode_fitted(buf.getvalue(), (32, 32), policy=PRINT)  # decoded at half scale (draft)
     assert fitted.fit == "print" and fitted.frame == (2560, 1920)
     assert np.abs(np.array(fitted.outline) - corners).max() < 2.5  # a pixel of the half-scale decode
+
+
+def test_outline_in_the_upright_photo_when_exif_turns_it():
+    """A phone stores a portrait shot sideways with an EXIF orientation: the frame and the outline
+    are the upright photo's, the way a browser shows it."""
+    rng = np.random.default_rng(6)
+    frame, corners, _ = scene(rng, picture(rng), angle=-6, tilt=0.03)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show": stored turned a quarter anticlockwise
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(frame))).save(buf, "JPEG", quality=92, exif=exif)
+    fitted = decode_fitted(buf.getvalue(), (32, 32), policy=PRINT)
+    assert fitted.fit == "print" and fitted.frame == (640, 480)
+    assert np.abs(np.array(fitted.outline) - corners).max() < 1.5
 
 
 def test_integer_upscaled_checker_is_exact_through_area():

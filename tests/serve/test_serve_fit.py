@@ -13,8 +13,8 @@ from PIL import Image
 
 from bdserve.serve.evaluation.clients import open_client
 from bdserve.testing import ServeProcess
+from bdserve.testing.print_scenes import picture, scene, textured
 
-from print_scenes import picture, scene, textured
 from serve_helpers import TINY_CLASSES
 
 
