@@ -205,7 +205,7 @@ def main() -> None:
     print(f"simulated {meta['count']} scenes (+ clean), {len(folders)} presets, {len(scene_info)} real-scene stand-ins "
           f"in {sim_s:.0f} s into {work}", flush=True)
 
-    crop = {"full camera": crop_errors(work / "full", meta, size)}
+    crop = {f"full camera ({meta['count']} photos above)": crop_errors(work / "full", meta, size)}  # not the 40 below
     crop.update({name: crop_errors(folders[name], metas[name], size) for name in folders})
     items = ph.collect(work / "full", first.classes)
     scene_items = ph.collect(work / "scenes", first.classes)
