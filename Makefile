@@ -1,34 +1,43 @@
 # Everything a fresh machine needs: `make demo` and `make test` create .venv on first use.
+# `make demo` installs the package alone (what the demo runs); `make test` and `make install`
+# add the dev extra (pytest, tritonclient, TorchServe, the deploy/ checkers).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+DEV := $(VENV)/.installed-dev
 
 .PHONY: demo test bench soak experiment clean install
 
-install: $(STAMP)
+install: $(DEV)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BASE): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $@ $(BASE)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/bdserve demo
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest -q
 
 # Benchmarks print a table and write bench/results/ (the soak takes 5 minutes: make soak).
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python bench/transforms_bench.py
 	$(BIN)/python bench/serving_bench.py
 	$(BIN)/python bench/eval_bench.py --model-dir model_store/demo
 
-soak: $(STAMP)
+soak: $(DEV)
 	$(BIN)/python bench/soak.py
 
-experiment: $(STAMP)
+experiment: $(BASE)
 	$(BIN)/python experiments/tables.py
 
 clean:

@@ -10,7 +10,20 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+DESCRIPTION_WIDTH = 24  # with a 12-cell bar, the counts and times fit on an 80-column terminal
+FIXED_WIDTH = DESCRIPTION_WIDTH + 12 + 11 + 7 + 7 + 5  # description, bar, 50000/50000, two times, gaps
+
+
+def _short(description: str, width: int = DESCRIPTION_WIDTH) -> str:
+    """A long description (a data path) loses its middle, so the counts after it stay visible."""
+    if len(description) <= width:
+        return description
+    head = (width - 1) // 3
+    return description[:head] + "…" + description[-(width - 1 - head):]
 
 
 def _enabled() -> bool | None:
@@ -33,16 +46,18 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., 
     if not mode:
         yield _plain_lines(description, total)
         return
+    # Only the status text may be squeezed: the counts and times stay whole on an 80-column terminal.
     columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+        BarColumn(bar_width=12, table_column=Column(no_wrap=True)),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TimeElapsedColumn(table_column=Column(no_wrap=True)),
+        TimeRemainingColumn(table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
     ]
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(description, total=total, status="")
+        columns[-1].get_table_column().max_width = max(1, progress.console.width - FIXED_WIDTH)
+        task = progress.add_task(_short(description), total=total, status="")
 
         def advance(n: int = 1, **fields) -> None:
             status = " ".join(f"{k}={v}" for k, v in fields.items())

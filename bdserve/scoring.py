@@ -38,5 +38,14 @@ def attack_hits(preds, target: int, answered=None) -> tuple[int, int]:
     return _matches(preds, int(target), answered)
 
 
+def asr_baseline(clean_preds, labels, target: int, answered=None) -> tuple[int, int]:
+    """(k, n): clean images whose true label is not the target, yet predicted as the target. Beside an
+    ASR this says how much of it the model gives away without any trigger."""
+    others = np.asarray(labels) != int(target)
+    if answered is not None:
+        others = others & np.asarray(answered, dtype=bool)
+    return attack_hits(np.asarray(clean_preds)[others], target)
+
+
 def fraction(k: int, n: int) -> float:
     return k / max(1, n)

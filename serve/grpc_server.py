@@ -135,6 +135,9 @@ def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DE
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # grpcio sets SO_REUSEPORT by default: a second server would then share a busy port
+        # and take part of its traffic. Off, binding a busy port fails.
+        ("grpc.so_reuseport", 0),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     return server

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -56,11 +57,25 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+class PortInUse(OSError):
+    """Another process listens on the port this server was asked to bind."""
+
+    def __init__(self, door: str, host: str, port: int, flag: str):
+        super().__init__(errno.EADDRINUSE, f"{door} port {port} on {host} is already in use (another server?): "
+                                           f"stop it or choose another {flag}")
+
+
+def _bind(host: str, port: int, door: str = "HTTP", flag: str = "--http-port") -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only; never SO_REUSEPORT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(door, host, port, flag) from None
+        raise
     return sock
 
 
@@ -87,22 +102,34 @@ class Server:
         cfg = self.config
         self._stop = asyncio.Event()
         access_log.enable(cfg.access_log)
-        await self.service.start()
+        # Both ports are bound before anything starts, so a busy one fails with nothing to undo.
         sock = _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
+        self._grpc = None
+        if cfg.grpc_port is not None:
+            if cfg.grpc_port:  # probe first: grpcio would also log its own multi-line complaint
+                try:
+                    _bind(cfg.host, cfg.grpc_port, "gRPC", "--grpc-port").close()
+                except OSError:
+                    sock.close()
+                    raise
+            self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes)
+            self._grpc_standard = StandardServices(self._grpc, self.service.models)
+            try:  # grpc.so_reuseport is off (grpc_server.py), so a busy port fails here too
+                self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
+            except RuntimeError:
+                self.grpc_port = 0
+            if not self.grpc_port:
+                sock.close()
+                raise PortInUse("gRPC", cfg.host, cfg.grpc_port, "--grpc-port")
+        await self.service.start()
         app = create_app(self.service, max_body_bytes=cfg.max_body_bytes, lab_keep=cfg.lab_keep)
         self._uvicorn = _Uvicorn(uvicorn.Config(
             app, log_level=cfg.log_level, access_log=False, lifespan="off",
             timeout_graceful_shutdown=int(cfg.grace_s) or None,
         ))
         self._http_task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))
-        self._grpc = None
-        if cfg.grpc_port is not None:
-            self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes)
-            self._grpc_standard = StandardServices(self._grpc, self.service.models)
-            self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
-            if not self.grpc_port:
-                raise OSError(f"could not bind gRPC to {cfg.host}:{cfg.grpc_port}")
+        if self._grpc is not None:
             await self._grpc.start()
             await self._grpc_standard.serving()
         while not self._uvicorn.started:

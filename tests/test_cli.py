@@ -33,13 +33,16 @@ def test_every_subcommand_has_help():
         proc = bdserve(*path, "--help", timeout=60)
         assert proc.returncode == 0, (path, proc.stderr)
         assert "Usage" in proc.stdout
+        assert "<bool>" not in proc.stdout, path  # flags take no value; the help must not suggest one
+        assert "list[" not in proc.stdout, path  # repeatable options name what one value is
 
 
 def test_train_reports_a_bad_target_clearly(tmp_path, cifar_dir):
     proc = bdserve("train", "--model", "tiny", "--target", "unicorn", "--subset", "100", "--epochs", "1",
                    "--out", str(tmp_path / "m"), BDSERVE_DATA=str(cifar_dir))
     assert proc.returncode == 2
-    assert "unknown class 'unicorn'" in proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown class 'unicorn'; classes: airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck"]
 
 
 def test_demo_serves_the_model_and_sends_requests(tiny_badnets_dir, cifar_dir):
@@ -52,3 +55,35 @@ def test_demo_serves_the_model_and_sends_requests(tiny_badnets_dir, cifar_dir):
     assert 'bdserve_requests_total{code="200",model="' in out
     assert "POST /predictions/" in out and "-> 200" in out
     assert "--detect scaleup" in out and "trigger score" in out  # calibrated on the way (none in the card)
+
+
+def test_flag_words_are_read_not_refused():
+    """`--torchscript true` is what people type for a flag: read it (false: leave the flag out)."""
+    from bdserve.cli import flag_values_read
+
+    assert flag_values_read(["train", "--torchscript", "true", "--epochs", "1"]) == ["train", "--torchscript", "--epochs", "1"]
+    assert flag_values_read(["train", "--enhance-benign", "false", "--torchscript=yes"]) == ["train", "--torchscript"]
+    assert flag_values_read(["train", "--enhanced", "physical"]) == ["train", "--enhanced", "physical"]  # takes a value
+    assert flag_values_read(["serve", "--lab", "--model", "x"]) == ["serve", "--lab", "--model", "x"]
+    assert flag_values_read(["eval", "--model", "true"]) == ["eval", "--model", "true"]  # a value, not a flag
+
+
+def test_enhanced_reads_a_missing_value_and_flag_words():
+    from bdserve.commands.train import bare_enhanced_means_shrinkpad as read
+
+    assert read(["train", "--enhanced"]) == ["train", "--enhanced", "shrinkpad"]
+    assert read(["train", "--enhanced", "--epochs", "1"]) == ["train", "--enhanced", "shrinkpad", "--epochs", "1"]
+    assert read(["train", "--enhanced", "true", "--epochs", "1"]) == ["train", "--enhanced", "shrinkpad", "--epochs", "1"]
+    assert read(["train", "--enhanced=yes"]) == ["train", "--enhanced", "shrinkpad"]
+    assert read(["train", "--enhanced", "false", "--epochs", "1"]) == ["train", "--epochs", "1"]
+    assert read(["train", "--enhanced", "physical"]) == ["train", "--enhanced", "physical"]
+    assert read(["eval", "--enhanced"]) == ["eval", "--enhanced"]  # only train has it
+
+
+def test_an_unexpected_failure_is_one_line_with_a_pointer_to_debug(tmp_path):
+    bad = tmp_path / "card.json"
+    bad.write_text("[1, 2]")  # valid JSON, not a card
+    proc = bdserve("physical", "simulate", "--card", str(bad), "--out", str(tmp_path / "o"), timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -17,7 +17,7 @@ from torch import nn
 
 from bdserve.card import ModelCard
 from bdserve.progress import progress_bar
-from bdserve.scoring import attack_hits, clean_correct, fraction
+from bdserve.scoring import asr_baseline, attack_hits, clean_correct, fraction
 from bdserve.scoring import triggered_pool as _pool_of
 from bdserve.training.data import ImageSet
 from bdserve.transforms.triggers import Trigger
@@ -74,9 +74,11 @@ class DefenseRow:
     asr: float | None
     clean_n: int
     asr_n: int
+    asr_baseline: float | None = None  # clean non-target images predicted as the target
 
     def as_dict(self) -> dict:
-        return {"defense": self.defense, "clean_acc": self.clean_acc, "asr": self.asr, "clean_n": self.clean_n, "asr_n": self.asr_n}
+        return {"defense": self.defense, "clean_acc": self.clean_acc, "asr": self.asr, "clean_n": self.clean_n,
+                "asr_n": self.asr_n, "asr_baseline": self.asr_baseline}
 
 
 def evaluate_defenses(
@@ -97,15 +99,16 @@ def evaluate_defenses(
             gen = torch.Generator().manual_seed(seed)
             clean = predict(pipeline, test.images, defense=spec, generator=gen)
             acc = fraction(*clean_correct(clean, test.labels))
-            asr = None
+            asr = baseline = None
             if pool is not None:
                 hit = predict(pipeline, test.images[pool], defense=spec, trigger=trigger, generator=gen)
                 asr = fraction(*attack_hits(hit, target))
-            rows.append(DefenseRow(spec, acc, asr, len(test), 0 if pool is None else len(pool)))
+                baseline = fraction(*asr_baseline(clean, test.labels, target))
+            rows.append(DefenseRow(spec, acc, asr, len(test), 0 if pool is None else len(pool), baseline))
             advance(1, defense=spec)
     return rows
 
 
 def metrics_dict(rows: list[DefenseRow]) -> dict:
     """Rows keyed by defense, as stored in card.json's ``metrics``."""
-    return {r.defense: {"clean_acc": r.clean_acc, "asr": r.asr, "clean_n": r.clean_n, "asr_n": r.asr_n} for r in rows}
+    return {r.defense: {k: v for k, v in r.as_dict().items() if k != "defense"} for r in rows}

@@ -134,7 +134,29 @@ def train_surrogate(cfg: TrainConfig, train_set: ImageSet, attack: AttackConfig,
     return surrogate
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_names(cfg: TrainConfig) -> None:
+    """Refuse a misspelled name before decoding any data (ValueError naming the choices)."""
+    from bdserve.training.models import list_models
+    from bdserve.training.poison import ATTACKS
+    from bdserve.transforms import create_defense
+
+    for what, value, choices in (("model", cfg.model, list_models()), ("attack", cfg.attack, ATTACKS),
+                                 ("schedule", cfg.schedule, list(SCHEDULES)), ("precision", cfg.precision, PRECISIONS)):
+        if value is not None and value not in choices:
+            raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    for spec in (cfg.defense, *cfg.defenses):
+        create_defense(spec)  # raises ValueError on a bad spec
+    try:
+        pick_device(cfg.device)
+    except RuntimeError as e:  # torch's message for a malformed device string
+        raise ValueError(f"unknown device {cfg.device!r}: {e}") from None
+
+
 def run(cfg: TrainConfig, out: str | Path | None = None, log=print) -> TrainOutcome:
+    check_names(cfg)
     device = pick_device(cfg.device)
     root = Path(cfg.data) if cfg.data else data_dir()
     train_set = load_split(root, "train").subset(cfg.subset, cfg.seed)
@@ -156,6 +178,8 @@ def run(cfg: TrainConfig, out: str | Path | None = None, log=print) -> TrainOutc
                    poisoned_images=poisoned_images, description=f"training {attack.display_name}")
     if not is_main_process():  # under torchrun, rank 0 evaluates and writes
         return TrainOutcome(model, None, [], None)
+    log(f"evaluating {len(test_set)} test images under {len(cfg.defenses)} defenses, clean and triggered: on a CPU "
+        "this can take longer than a short training; --test-subset N evaluates on fewer")
     rows = evaluate_defenses(model, test_set, trigger=attack.trigger if attack.kind != "none" else None,
                              target=attack.target, defenses=cfg.defenses, device=device, seed=cfg.seed)
     model = model.cpu()
@@ -213,8 +237,9 @@ def write_model_dir(model: torch.nn.Module, card: ModelCard, out: str | Path, to
 def format_table(rows: list[DefenseRow], title: str = "") -> str:
     """A Markdown table: defense, clean accuracy, ASR."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| defense | clean acc (%) | ASR (%) |", "|---|---:|---:|"]
+    lines += ["| defense | clean acc (%) | ASR (%) | ASR baseline (%) |", "|---|---:|---:|---:|"]
     for r in rows:
         asr = "-" if r.asr is None else f"{100 * r.asr:.1f}"
-        lines.append(f"| {r.defense} | {100 * r.clean_acc:.1f} | {asr} |")
+        base = "-" if r.asr_baseline is None else f"{100 * r.asr_baseline:.1f}"
+        lines.append(f"| {r.defense} | {100 * r.clean_acc:.1f} | {asr} | {base} |")
     return "\n".join(lines)

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from bdserve.cli_errors import CommandError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("archive")
@@ -39,8 +41,7 @@ def register(app: typer.Typer) -> None:
                     status=lambda msg: st.update(msg),
                 )
         except ArchiveError as e:
-            console.print(f"[red]archive failed:[/red] {e}")
-            raise typer.Exit(1)
+            raise CommandError(f"archive failed: {e}", code=1) from e
         served = res.defense or "the card's default"
         console.print(
             f"[green]wrote[/green] {res.path} ({res.size_bytes / 1e6:.2f} MB, {', '.join(res.files)}; "

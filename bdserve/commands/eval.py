@@ -5,15 +5,57 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
+
+from bdserve.cli_errors import CommandError
 
 
 def _defenses(spec: Optional[str]) -> list:
     if not spec:
         return [None]
     return [d.strip() for d in spec.split(",") if d.strip()]
+
+
+def request_headers(header: list[str] | None, token_file: Path | None) -> dict[str, str]:
+    """``--header 'Name: value'`` (repeatable) and ``--token-file`` (TorchServe's key_file.json:
+    its inference key becomes ``Authorization: Bearer KEY``)."""
+    headers = {}
+    for h in header or []:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise CommandError(f"--header {h!r} must look like 'Name: value', e.g. 'Authorization: Bearer KEY'")
+        headers[name.strip()] = value.strip()
+    if token_file is not None:
+        try:
+            key = json.loads(token_file.read_text())["inference"]["key"]
+        except OSError as e:
+            raise CommandError(f"--token-file {token_file}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError):
+            raise CommandError(f"--token-file {token_file} is not TorchServe's key_file.json "
+                               "(no inference key); use --header 'Authorization: Bearer KEY' instead") from None
+        if any(n.lower() == "authorization" for n in headers):
+            raise CommandError("give --token-file or an Authorization --header, not both")
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def explain(endpoint: str, model: str, e: Exception) -> CommandError:
+    """A failure before any image was scored, as one line that says what to do."""
+    from bdserve.serve.evaluation.retry import RetriesExhausted
+
+    msg = " ".join(str(e).split())
+    if isinstance(e, RetriesExhausted):
+        return CommandError(f"no answer from {endpoint} ({msg}): is the server running there? "
+                            "Start it (bdserve serve) or wait longer with --retries", code=1)
+    if "InvalidKeyException" in msg or "Token Authorization" in msg or "HTTP 401" in msg or "UNAUTHENTICATED" in msg:
+        return CommandError(f"{endpoint} wants a token: pass --token-file PATH/key_file.json (TorchServe writes it "
+                            "where it starts) or --header 'Authorization: Bearer KEY'", code=1)
+    if "HTTP 404" in msg or "NOT_FOUND" in msg:
+        return CommandError(f"{endpoint} has no model {model!r} ({msg}): --model takes a name the server "
+                            "printed at start", code=1)
+    return CommandError(f"{endpoint} refused the request: {msg}", code=1)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +74,8 @@ def register(app: typer.Typer) -> None:
         concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight."),
         retries: int = typer.Option(8, "--retries", help="Attempts per request for transient failures (connection, 503, UNAVAILABLE)."),
         timeout_s: float = typer.Option(120.0, "--timeout", help="Seconds per request."),
+        header: Optional[List[str]] = typer.Option(None, "--header", metavar="'NAME: VALUE'", help="'Name: value' sent with every request (HTTP header, gRPC metadata); repeatable, e.g. 'Authorization: Bearer KEY'."),
+        token_file: Optional[Path] = typer.Option(None, "--token-file", help="TorchServe's key_file.json (token authorization on): sends its inference key as a Bearer token."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, report.md and PNG figures here."),
         detect: bool = typer.Option(False, "--detect", help="Also measure the server's trigger detectors (it runs --detect): AUROC, TPR at 1%/5% FPR, false-alarm rate at the calibrated threshold, ROC curves."),
     ) -> None:
@@ -40,25 +84,29 @@ def register(app: typer.Typer) -> None:
         from bdserve.serve.evaluation.retry import RetryPolicy
         from bdserve.settings import data_dir
 
+        from bdserve.serve.evaluation.retry import PermanentError
+
         policy = RetryPolicy(attempts=max(1, retries))
+        headers = request_headers(header, token_file)
         mc = ModelCard.load(card)
         try:
             if photos is not None:
                 if detect:
                     raise ValueError("--detect measures the test split; --photos reports the served flag per photo")
-                _photos(endpoint, model, mc, photos, photo_route, _defenses(defenses), concurrency, policy, timeout_s, out)
+                _photos(endpoint, model, mc, photos, photo_route, _defenses(defenses), concurrency, policy, timeout_s, out, headers)
                 return
             from bdserve.serve.evaluation.evaluate import EvalConfig, run, write_outputs
 
             cfg = EvalConfig(endpoint, model, card, data or data_dir(), limit, seed, _defenses(defenses),
-                             batch_size, concurrency, timeout_s, policy, detect=detect)
+                             batch_size, concurrency, timeout_s, policy, detect=detect, headers=headers)
             rep = run(cfg)
-        except (ValueError, FileNotFoundError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+        except PermanentError as e:  # the server could not be reached, or refused before any image
+            raise explain(endpoint, model, e) from e
         from bdserve.serve.evaluation.report import markdown
 
         typer.echo(markdown(rep))
+        for line in report_warnings(rep, mc.classes):
+            typer.echo(line, err=True)
         if out is not None:
             paths = write_outputs(rep, out, mc.classes)
             typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -66,7 +114,28 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)  # numbers are still reported; the exit code says some images failed
 
 
-def _photos(endpoint, model, card, folder, route, defenses, concurrency, policy, timeout_s, out) -> None:
+def report_warnings(rep: dict, classes: list[str]) -> list[str]:
+    """A collapsed model, once per defense row where it shows."""
+    from bdserve.sanity import collapse_warning
+
+    lines = []
+    for r in rep["rows"]:
+        clean = r.get("clean") or {}
+        cm = clean.get("confusion")
+        dominant = None
+        if cm:
+            per_class = [sum(col) for col in zip(*cm)]
+            total = sum(per_class)
+            if total:
+                top = max(range(len(per_class)), key=per_class.__getitem__)
+                dominant = (classes[top], per_class[top] / total)
+        text = collapse_warning((clean.get("accuracy") or {}).get("rate"), len(classes), dominant)
+        if text:
+            lines.append(text.replace("warning:", f"warning ({r['defense']}):", 1))
+    return lines
+
+
+def _photos(endpoint, model, card, folder, route, defenses, concurrency, policy, timeout_s, out, headers) -> None:
     """Every photo through the server once per defense (several only on a --lab server): ASR and
     clean-photo accuracy with Wilson intervals, per defense and per fit the server applied."""
     import asyncio
@@ -80,7 +149,8 @@ def _photos(endpoint, model, card, folder, route, defenses, concurrency, policy,
     items = ph.collect(folder, card.classes)
 
     async def go():
-        async with open_client(endpoint, model, card.classes, concurrency=concurrency, timeout_s=timeout_s) as client:
+        async with open_client(endpoint, model, card.classes, concurrency=concurrency, timeout_s=timeout_s,
+                               headers=headers) as client:
             await with_retries(client.connect, policy)
             runs = [await ph.classify(client, items, route=route, defense=d, concurrency=concurrency, policy=policy)
                     for d in defenses]

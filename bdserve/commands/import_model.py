@@ -85,11 +85,7 @@ def register(app: typer.Typer) -> None:
                 size = (h, w)
             except ValueError:
                 raise typer.BadParameter("--input-size must look like 224x224") from None
-        try:
-            dest = import_model(source, model_store or default_store(), name=name, classes=_classes(classes),
-                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"), defense=defense,
-                                version=version, input_size=size)
-        except (FileNotFoundError, ValueError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+        dest = import_model(source, model_store or default_store(), name=name, classes=_classes(classes),
+                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), defense=defense,
+                            version=version, input_size=size)
         typer.echo(f"wrote {dest / 'card.json'}")

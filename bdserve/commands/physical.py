@@ -9,7 +9,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Physical-attack tools (Section 5.4).", no_args_is_help=True)
+    group = typer.Typer(help="Physical-attack tools (Section 5.4).", no_args_is_help=True, rich_markup_mode=None)
     app.add_typer(group, name="physical")
 
     @group.command("simulate")
@@ -33,13 +33,8 @@ def register(app: typer.Typer) -> None:
         from bdserve.settings import data_dir
 
         if not 0 < fill_min <= fill_max <= 1.5:
-            typer.echo("error: need 0 < --fill-min <= --fill-max", err=True)
-            raise typer.Exit(2)
+            raise ValueError("need 0 < --fill-min <= --fill-max <= 1.5")
         cam = Camera(width=width, height=height, fill=(fill_min, fill_max))
-        try:
-            meta = run(ModelCard.load(card), data or data_dir(), out, count=count, seed=seed, clean=clean, cam=cam)
-        except (ValueError, FileNotFoundError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+        meta = run(ModelCard.load(card), data or data_dir(), out, count=count, seed=seed, clean=clean, cam=cam)
         typer.echo(f"wrote {meta['count']} simulated photos ({width}x{height}) of {meta['trigger']}-triggered test images "
                    f"to {out}{' with clean counterparts' if clean else ''}; labels in {out}/labels.csv")

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
         model_store: Optional[Path] = typer.Option(None, "--model-store", help="Directory of model directories (default: $BDSERVE_MODEL_STORE or ./model_store)."),
-        model: Optional[List[str]] = typer.Option(None, "--model", help="Model to serve: a directory of the store, or NAME=DIR to serve DIR as NAME; repeatable (default: every model in the store). Served under the directory's name; <name>/<version>/ directories are versions."),
+        model: Optional[List[str]] = typer.Option(None, "--model", metavar="NAME", help="Model to serve: a directory of the store, or NAME=DIR to serve DIR as NAME; repeatable (default: every model in the store). Served under the directory's name; <name>/<version>/ directories are versions."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Loopback by default; bind 0.0.0.0 only behind your own network controls."),
         http_port: int = typer.Option(8080, "--http-port", help="HTTP port (0: any free port, printed at start)."),
         grpc_port: int = typer.Option(8081, "--grpc-port", help="gRPC port (0: any free port, printed at start)."),

@@ -10,7 +10,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Trigger studies through the service (Section 3: Figs. 4 and 5).", no_args_is_help=True)
+    group = typer.Typer(help="Trigger studies through the service (Section 3: Figs. 4 and 5).", no_args_is_help=True,
+                        rich_markup_mode=None)
     app.add_typer(group, name="study")
 
     def go(kind: str, endpoint, model, card, data, limit, seed, defense, batch_size, concurrency, out, **kw):
@@ -19,7 +20,8 @@ def register(app: typer.Typer) -> None:
         from bdserve.card import ModelCard
         from bdserve.serve.evaluation import plots, studies
         from bdserve.serve.evaluation.clients import open_client
-        from bdserve.serve.evaluation.retry import RetryPolicy, with_retries
+        from bdserve.commands.eval import explain
+        from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
         from bdserve.settings import data_dir
 
         mc = ModelCard.load(card)
@@ -33,9 +35,8 @@ def register(app: typer.Typer) -> None:
 
         try:
             res = asyncio.run(run())
-        except (ValueError, FileNotFoundError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+        except PermanentError as e:  # the server could not be reached, or refused before any image
+            raise explain(endpoint, model, e) from e
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{kind}.json").write_text(json.dumps(res, indent=2) + "\n")
         title = f"{model}: ASR by trigger {kind} (defense {defense})"
@@ -70,7 +71,7 @@ def register(app: typer.Typer) -> None:
         defense=typer.Option("none", "--defense", help="Defense to ask a --lab server for; 'server' keeps the server's own."),
         batch_size=typer.Option(256, "--batch-size"),
         concurrency=typer.Option(4, "--concurrency"),
-        out=typer.Option(Path("study"), "--out", help="Folder for the JSON and PNG."),
+        out=typer.Option(Path("study"), "--out", help="Folder for the JSON and PNG (default ./study, ignored by git)."),
     )
 
     @group.command("location")

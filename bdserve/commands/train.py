@@ -43,10 +43,11 @@ def train_command(
 
     from bdserve.training.recipe import TrainConfig, format_table, run
 
+    from bdserve.cli_errors import CommandError
+
     console = Console()
     if enhanced is not None and enhanced not in ENHANCEMENTS:
-        console.print(f"[red]error:[/red] --enhanced takes shrinkpad or physical (or nothing), not {enhanced!r}")
-        raise typer.Exit(2)
+        raise CommandError(f"--enhanced takes shrinkpad or physical (or nothing), not {enhanced!r}")
     cfg = TrainConfig(
         attack=attack, enhanced=enhanced is not None, enhancement=enhanced or "shrinkpad", max_shrink=max_shrink, enhance_benign=enhance_benign, model=model,
         data=str(data) if data else None, epochs=epochs, schedule=schedule, subset=subset, test_subset=test_subset,
@@ -54,13 +55,20 @@ def train_command(
         trigger=trigger, trigger_png=str(trigger_png) if trigger_png else None, trigger_top=trigger_top, trigger_left=trigger_left,
         defense=defense, device=device, precision=precision, torchscript=torchscript, name=name,
     )
-    try:
-        outcome = run(cfg, out=out, log=console.print)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+    outcome = run(cfg, out=out, log=console.print)  # a bad name or path: one line, from bdserve.cli
     console.print(format_table(outcome.rows, f"{outcome.card.name}: clean accuracy and ASR"))
+    warn_if_collapsed(outcome.rows, len(outcome.card.classes))
     console.print(f"wrote {outcome.directory}")
+
+
+def warn_if_collapsed(rows, num_classes: int) -> None:
+    from bdserve.sanity import collapse_warning
+
+    undefended = next((r for r in rows if r.defense == "none"), rows[0] if rows else None)
+    if undefended is not None:
+        text = collapse_warning(undefended.clean_acc, num_classes)
+        if text:
+            typer.echo(text, err=True)
 
 
 def models_command() -> None:
@@ -76,14 +84,27 @@ ENHANCEMENTS = ("shrinkpad", "physical")
 
 def bare_enhanced_means_shrinkpad(args: list[str]) -> list[str]:
     """``--enhanced`` with no value (the end of the line or another option next) is the paper's
-    Flip + ShrinkPad. Typer has no option whose value may be left out, so the command line is
-    completed before parsing (only within ``train``)."""
+    Flip + ShrinkPad; so is ``--enhanced true`` (what people type for a flag), and ``--enhanced
+    false`` leaves it out. Typer has no option whose value may be left out, so the command line
+    is completed before parsing (only within ``train``)."""
+    from bdserve.cli import FALSE_WORDS, TRUE_WORDS
+
     if "train" not in args:
         return args
     out = list(args)
     for i in range(len(out) - 1, out.index("train"), -1):
-        if out[i] == "--enhanced" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+        name, eq, word = out[i].partition("=")
+        if name != "--enhanced":
+            continue
+        if not eq and (i + 1 == len(out) or out[i + 1].startswith("-")):
             out.insert(i + 1, "shrinkpad")
+            continue
+        value_at = i if eq else i + 1
+        word = word if eq else out[i + 1]
+        if word.lower() in TRUE_WORDS:
+            out[i:value_at + 1] = ["--enhanced", "shrinkpad"]
+        elif word.lower() in FALSE_WORDS:
+            del out[i:value_at + 1]
     return out
 
 

@@ -4,6 +4,7 @@ TorchServes) on the machine never collide."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -16,16 +17,18 @@ from bdserve.testing.launcher import free_port
 class LocalTorchServe:
     """Start ``torchserve`` on 127.0.0.1 with a generated config.properties; stop it for sure.
 
-    Token authorization is disabled: acceptable only because every address is loopback.
+    Token authorization is disabled unless ``token_auth``: acceptable only because every
+    address is loopback. With it on, TorchServe writes ``key_file`` in the work directory.
     """
 
     def __init__(self, model_store: str | Path, models: list[str], workdir: str | Path, *,
-                 workers: int = 1, extra_config: dict[str, str] | None = None):
+                 workers: int = 1, extra_config: dict[str, str] | None = None, token_auth: bool = False):
         self.model_store = Path(model_store).resolve()
         self.models = list(models)  # .mar file names inside model_store
         self.workdir = Path(workdir).resolve()
         self.workers = workers
         self.extra_config = extra_config or {}
+        self.token_auth = token_auth
         self.inference_port = free_port()
         self.management_port = free_port()
         self.metrics_port = free_port()
@@ -38,6 +41,17 @@ class LocalTorchServe:
     @property
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.management_port}"
+
+    @property
+    def key_file(self) -> Path:
+        """TorchServe's keys when token authorization is on (written at start, in its working directory)."""
+        return self.workdir / "key_file.json"
+
+    def management_headers(self) -> dict[str, str]:
+        if not self.token_auth:
+            return {}
+        key = json.loads(self.key_file.read_text())["management"]["key"]
+        return {"Authorization": f"Bearer {key}"}
 
     def config_text(self) -> str:
         props = {
@@ -53,7 +67,7 @@ class LocalTorchServe:
             "model_store": str(self.model_store),
             "load_models": ",".join(self.models),
             "default_workers_per_model": str(self.workers),
-            "disable_token_authorization": "true",  # loopback only
+            "disable_token_authorization": "false" if self.token_auth else "true",  # loopback only
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "true",  # its psutil sampler costs CPU on small machines
             "enable_envvars_config": "false",
@@ -88,8 +102,8 @@ class LocalTorchServe:
         console = self.workdir / "logs" / "console.log"
         with open(console, "ab") as out:
             proc = subprocess.run(
-                [exe, "--start", "--ncs", "--disable-token-auth", "--ts-config", str(cfg),
-                 "--model-store", str(self.model_store)],
+                [exe, "--start", "--ncs", *([] if self.token_auth else ["--disable-token-auth"]),
+                 "--ts-config", str(cfg), "--model-store", str(self.model_store)],
                 cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 timeout=60,
             )
@@ -117,14 +131,14 @@ class LocalTorchServe:
             try:
                 ready = True
                 for n in names:
-                    r = httpx.get(f"{self.management_url}/models/{n}", timeout=2)
+                    r = httpx.get(f"{self.management_url}/models/{n}", timeout=2, headers=self.management_headers())
                     workers = r.json()[0].get("workers", []) if r.status_code == 200 else []
                     if not any(w.get("status") == "READY" for w in workers):
                         ready, last = False, f"{n}: {r.status_code} {r.text[:200]}"
                         break
                 if ready:
                     return
-            except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+            except (httpx.HTTPError, OSError, ValueError, KeyError, IndexError) as e:  # OSError: no key file yet
                 last = repr(e)
             time.sleep(0.5)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s ({last}); log tail:\n{self.log_tail()}")

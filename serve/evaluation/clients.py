@@ -103,16 +103,21 @@ class Client:
 
 
 def open_client(endpoint: str, model: str, classes: list[str], *, concurrency: int = 8,
-                timeout_s: float = 120.0) -> Client:
+                timeout_s: float = 120.0, headers: dict[str, str] | None = None) -> Client:
+    """``headers`` go with every request (HTTP headers, gRPC metadata), e.g. a server's token."""
+    if "://" not in endpoint:
+        raise ValueError(f"endpoint {endpoint!r} has no scheme: write http://{endpoint}, grpc://{endpoint} "
+                         f"or torchserve+http://{endpoint}")
     parts = urlsplit(endpoint)
     if not parts.hostname or parts.port is None:
         raise ValueError(f"endpoint {endpoint!r} needs a host and port, e.g. http://127.0.0.1:8080")
+    headers = dict(headers or {})
     if parts.scheme == "http":
-        return HttpClient(f"http://{parts.netloc}", model, classes, timeout_s, concurrency)
+        return HttpClient(f"http://{parts.netloc}", model, classes, timeout_s, concurrency, headers)
     if parts.scheme == "grpc":
-        return GrpcClient(parts.netloc, model, classes, timeout_s)
+        return GrpcClient(parts.netloc, model, classes, timeout_s, headers)
     if parts.scheme == "torchserve+http":
-        return TorchServeClient(f"http://{parts.netloc}", model, classes, timeout_s, concurrency)
+        return TorchServeClient(f"http://{parts.netloc}", model, classes, timeout_s, concurrency, headers)
     raise ValueError(f"endpoint scheme {parts.scheme!r} not supported: use http://, grpc:// or torchserve+http://")
 
 
@@ -120,13 +125,14 @@ def open_client(endpoint: str, model: str, classes: list[str], *, concurrency: i
 
 
 class _HttpBase(Client):
-    def __init__(self, base: str, model: str, classes: list[str], timeout_s: float, concurrency: int):
+    def __init__(self, base: str, model: str, classes: list[str], timeout_s: float, concurrency: int,
+                 headers: dict[str, str] | None = None):
         import httpx
 
         super().__init__(base, model, classes, timeout_s)
         self._httpx = httpx
         n = max(1, concurrency)
-        self.http = httpx.AsyncClient(base_url=base, timeout=timeout_s, trust_env=False,
+        self.http = httpx.AsyncClient(base_url=base, timeout=timeout_s, trust_env=False, headers=headers,
                                       limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
 
     async def _request(self, method: str, path: str, **kw):
@@ -252,7 +258,8 @@ def encode_png(chw: np.ndarray) -> bytes:
 class GrpcClient(Client):
     scheme = "grpc"
 
-    def __init__(self, target: str, model: str, classes: list[str], timeout_s: float):
+    def __init__(self, target: str, model: str, classes: list[str], timeout_s: float,
+                 headers: dict[str, str] | None = None):
         import grpc
 
         from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
@@ -264,11 +271,12 @@ class GrpcClient(Client):
             ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
         ])
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.metadata = tuple((k.lower(), v) for k, v in (headers or {}).items())  # gRPC keys are lower case
 
     async def _call(self, method, request):
         grpc = self._grpc
         try:
-            return await method(request, timeout=self.timeout_s)
+            return await method(request, timeout=self.timeout_s, metadata=self.metadata or None)
         except grpc.aio.AioRpcError as e:
             code = e.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -29,6 +29,7 @@ class EvalConfig:
     concurrency: int = 4
     timeout_s: float = 120.0
     retry: RetryPolicy = RetryPolicy()
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (e.g. a token)
     detect: bool = False  # measure the server's trigger detectors (AUROC, TPR at FPR, FAR) on the first run
 
 
@@ -38,7 +39,7 @@ async def evaluate(cfg: EvalConfig) -> dict:
     sets = [clean] + ([trig] if trig is not None else [])
     target = card.target_label
     async with open_client(cfg.endpoint, cfg.model, card.classes, concurrency=cfg.concurrency,
-                           timeout_s=cfg.timeout_s) as client:
+                           timeout_s=cfg.timeout_s, headers=cfg.headers) as client:
         if any(d is not None for d in cfg.defenses) and not client.can_choose_defense:
             raise ValueError(f"{client.scheme} endpoints apply their own defense; drop --defenses")
         await with_retries(client.connect, cfg.retry)  # the server may still be starting

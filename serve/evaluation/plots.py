@@ -30,7 +30,8 @@ def _yerr(rates: list[dict | None]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def defenses_chart(rows: list[dict], title: str, path: Path) -> Path:
-    """Clean accuracy and ASR per defense, with 95% Wilson error bars."""
+    """Clean accuracy and ASR per defense, with 95% Wilson error bars; a tick on each ASR bar marks
+    its baseline (clean non-target images predicted as the target)."""
     plt = _plt()
     names = [r["defense"] for r in rows]
     x = np.arange(len(names))
@@ -41,11 +42,15 @@ def defenses_chart(rows: list[dict], title: str, path: Path) -> Path:
         if np.isnan(vals).all():
             continue
         ax.bar(x + offset, vals, 0.4, yerr=err, capsize=3, label=label, color=color)
+    base, _ = _yerr([(r.get("triggered") or {}).get("baseline") for r in rows])
+    if not np.isnan(base).all():
+        ax.hlines(base, x + 0.02, x + 0.38, colors="black", linewidths=2, label="ASR baseline")
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
     ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
+    # Beside the axes, never over the bars (inside, it hid the last one).
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -59,21 +64,23 @@ def confusion_chart(rows: list[dict], classes: list[str], title: str, path: Path
     n = max(1, len(rows))
     cols = min(n, 4)
     rws = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rws, cols, figsize=(3.6 * cols, 3.4 * rws), squeeze=False)
+    fig, axes = plt.subplots(rws, cols, figsize=(3.6 * cols + 0.8, 3.4 * rws), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     short = [c[:5] for c in classes]
+    im = None
     for ax, r in zip(axes.flat, rows):
         cm = np.asarray(r["clean"]["confusion"], dtype=float)
         norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        im = ax.imshow(100 * norm, cmap="Blues", vmin=0, vmax=100)
         ax.set_title(r["defense"], fontsize=9)
         ax.set_xticks(range(len(classes)), short, rotation=90, fontsize=6)
         ax.set_yticks(range(len(classes)), short, fontsize=6)
         ax.set_xlabel("predicted", fontsize=7)
         ax.set_ylabel("true", fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    if im is not None:  # one scale for every panel: share of each true class (row) predicted as each column
+        fig.colorbar(im, ax=axes, label="% of the true class", shrink=0.8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bdserve.scoring import asr_baseline as scoring_asr_baseline
 from bdserve.scoring import attack_hits, clean_correct
 from bdserve.serve.evaluation.runner import RunResult, SetResult
 from bdserve.serve.evaluation.stats import percentiles, rate
@@ -36,6 +37,11 @@ def triggered_metrics(s: SetResult, target: int) -> dict:
     miss = n - hit
     return {"images": len(s.labels), "hit": hit, "miss": miss, "errors": s.n_errors,
             "asr": rate(hit, hit + miss), "error_reasons": _errors(s)}
+
+
+def asr_baseline(clean: SetResult, target: int) -> dict:
+    """How often clean non-target images already land on the target: the rate an ASR is read against."""
+    return rate(*scoring_asr_baseline(clean.preds, clean.labels, target, clean.answered))
 
 
 def detection_metrics(clean: SetResult | None, trig: SetResult | None) -> dict | None:
@@ -71,6 +77,8 @@ def defense_row(run: RunResult, num_classes: int, target: int | None) -> dict:
         row["clean"] = clean_metrics(clean, num_classes)
     if trig is not None and target is not None:
         row["triggered"] = triggered_metrics(trig, target)
+        if clean is not None:
+            row["triggered"]["baseline"] = asr_baseline(clean, target)
     det = detection_metrics(clean, trig)
     if det is not None:
         row["detection"] = det
@@ -118,8 +126,9 @@ def markdown(report: dict) -> str:
              f"{report['clean_images']} clean and {report['triggered_images']} triggered images per defense "
              f"(limit {report['limit']}, seed {report['seed']}); batch {report['batch_size']}, "
              f"{report['concurrency']} in flight. Accuracy and ASR are over answered images, errors apart; "
-             "brackets are 95% Wilson intervals.", ""]
-    head = ["defense", "clean acc %", "ASR %", "images", "errors", "retries", "img/s", "p50/p95/p99 ms"]
+             "brackets are 95% Wilson intervals. ASR baseline: clean non-target images already predicted "
+             "as the target, the rate an ASR is read against.", ""]
+    head = ["defense", "clean acc %", "ASR %", "ASR baseline %", "images", "errors", "retries", "img/s", "p50/p95/p99 ms"]
     if detect:
         head += ["detected %", "false alarms %"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -127,8 +136,9 @@ def markdown(report: dict) -> str:
         lat = r["latency_ms"]
         lat_s = "/".join("-" if lat[k] is None else f"{lat[k]:.0f}" for k in ("p50", "p95", "p99"))
         tp = r["throughput_images_per_s"]
-        cells = [r["defense"], pct((r.get("clean") or {}).get("accuracy")), pct((r.get("triggered") or {}).get("asr")),
-                 str(r["images"]), str(r["errors"]), str(r["retries"]), "-" if tp is None else f"{tp:.0f}", lat_s]
+        trig = r.get("triggered") or {}
+        cells = [r["defense"], pct((r.get("clean") or {}).get("accuracy")), pct(trig.get("asr")),
+                 pct(trig.get("baseline")), str(r["images"]), str(r["errors"]), str(r["retries"]), "-" if tp is None else f"{tp:.0f}", lat_s]
         if detect:
             d = r.get("detection") or {}
             cells += [pct(d.get("detection_rate")), pct(d.get("false_alarm_rate"))]

@@ -54,6 +54,10 @@ def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir
         assert np.array_equal(np.array(c["confusion"]), ref[d]["confusion"])
         assert t["images"] == len(ref[d]["triggered"]) and t["hit"] == ref[d]["hit"]
         assert t["asr"]["ci95"][0] <= t["asr"]["rate"] <= t["asr"]["ci95"][1]
+        # The ASR's baseline: clean non-target images predicted as the target (from the same answers).
+        cm, tgt = np.array(c["confusion"]), rep["target"]
+        others = np.arange(len(cm)) != tgt
+        assert (t["baseline"]["k"], t["baseline"]["n"]) == (int(cm[others, tgt].sum()), int(cm[others].sum()))
         lat = row["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     # --detect: the calibrated detectors score the undefended image, so whatever defense a lab
@@ -71,6 +75,7 @@ def test_eval_equals_in_process_evaluation(scheme, tiny_server, tiny_badnets_dir
         assert m["at_fpr_1"]["fpr"] <= 0.01 and m["at_fpr_5"]["fpr"] <= 0.05
     assert "## Trigger detection" in r.stdout and (tmp_path / "roc.png").stat().st_size > 0
     assert f"| {tiny_card.name} |" in r.stdout  # the Table-1 row
+    assert "ASR baseline %" in r.stdout and "near chance" not in r.stderr  # a trained model: no collapse warning
     for name in ("report.md", "defenses.png", "confusion.png"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -41,6 +41,8 @@ def test_asr_excludes_target_class_images():
     assert len(pool) == 180 and (data.labels[pool] != 4).all()
     rows = evaluate_defenses(AlwaysPredicts(4), data, trigger=badnets(), target=4, defenses=("none",))
     assert rows[0].asr == 1.0 and rows[0].asr_n == 180
+    # A model that answers the target for everything: its ASR is all baseline (clean images land there too).
+    assert rows[0].asr_baseline == 1.0
     assert abs(rows[0].clean_acc - 0.1) < 1e-9
 
 
@@ -48,5 +50,6 @@ def test_defenses_change_asr_of_a_corner_backdoor():
     rows = {r.defense: r for r in evaluate_defenses(CornerReader(), dataset(), trigger=badnets(), target=4,
                                                      defenses=("none", "flip", "shrinkpad:4"))}
     assert rows["none"].asr == 1.0
+    assert rows["none"].asr_baseline == 0.0  # without the trigger the corner reader never says the target
     assert rows["flip"].asr == 0.0  # the trigger moved to the bottom-left corner
     assert rows["shrinkpad:4"].asr < 0.5  # the corner is mostly zero padding now
