@@ -16,7 +16,7 @@ route here):
 The analysis answers in one JSON document: the fitted input as a PNG data URL, the fit applied
 (under ``--fit print`` the print's outline in the photo, which the page draws over it) and, per
 defense, the top-3 classes with probabilities and the detection fields the pipeline produced.
-It is the pipeline's own path: one decode and fit (``DefendedModel.decode_each``), then one
+It is the pipeline's own path: one decode and fit (``DefendedModel.decode_with_fits``), then one
 ``InferenceService.infer`` per defense with those very pixels as the UINT8 input (the batcher,
 then ``DefendedModel.predict``), so each answer equals ``/predictions?defense=SPEC``.
 """
@@ -38,7 +38,7 @@ from PIL import Image
 from bdserve.serve import oip
 from bdserve.serve.errors import InvalidInput, NotFound
 from bdserve.serve.http_app import _observed
-from bdserve.serve.images import Fitted, describe_fits
+from bdserve.serve.images import Fitted
 from bdserve.serve.lab_keep import KINDS, LabKeeper
 from bdserve.serve.pipeline import DefendedModel, Prediction
 from bdserve.serve.service import InferenceService
@@ -126,7 +126,7 @@ def fit_info(model: DefendedModel, fitted: Fitted) -> dict:
     fell back to cover (no print found), the print's outline (corners x, y: top-left, top-right,
     bottom-right, bottom-left; None under cover) and the frame (width, height) of the upright photo
     whose pixels the outline is in."""
-    return {"name": fitted.fit, "spec": describe_fits(model.fit, [fitted]), "fallback": fitted.fallback,
+    return {"name": fitted.fit, "spec": model.describe_fits([fitted]), "fallback": fitted.fallback,
             "outline": fitted.outline, "frame": None if fitted.frame is None else list(fitted.frame)}
 
 
@@ -168,7 +168,7 @@ async def _analyze(service: InferenceService, keep: LabKeeper | None, name: str,
     label = _check_choice(request.query_params.get("label", ""), model.classes, "label")
     kind = _check_choice(request.query_params.get("kind", ""), list(KINDS), "kind")
     blob = await request.body()
-    x, how = await asyncio.to_thread(model.decode_each, [blob])  # decoded and fitted once, off the event loop
+    x, how = await asyncio.to_thread(model.decode_with_fits, [blob])  # decoded and fitted once, off the event loop
     pixels = oip.Tensor(oip.TENSOR_INPUT, "UINT8", list(x.shape), x.cpu().numpy())
     answers = await asyncio.gather(*(
         service.infer(oip.InferRequest(model=model.name, input=pixels, parameters={oip.DEFENSE: d}))
