@@ -187,60 +187,10 @@ def _read_infer_request(name: str, version: str | None, body: bytes, header_len:
     else:
         header, binary = body, memoryview(b"")
     try:
-        req = json.loads(header)
+        doc = json.loads(header)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"malformed JSON request: {e}") from None
-    if not isinstance(req, dict):
-        raise InvalidInput("the request must be a JSON object with an 'inputs' list")
-    inputs = req.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1:
-        raise InvalidInput("the request must have an 'inputs' list with exactly one input tensor "
-                           f"(got {len(inputs) if isinstance(inputs, list) else type(inputs).__name__})")
-    params = _params(req, "the request")
-
-    spec = inputs[0]
-    if not isinstance(spec, dict):
-        raise InvalidInput("each input must be a JSON object with name, datatype, shape and data")
-    iname, datatype = spec.get("name"), oip.check_datatype(spec.get("datatype"))
-    shape = oip.check_shape(spec.get("shape"))
-    iparams = _params(spec, f"input {iname!r}")
-    if "binary_data_size" in iparams:
-        size = iparams["binary_data_size"]
-        if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise InvalidInput(f"malformed binary header: binary_data_size {size!r} but {len(binary)} binary bytes follow the JSON")
-        value = oip.from_raw(datatype, shape, binary[:size])
-        binary = binary[size:]
-    elif "data" in spec:
-        value = oip.from_json(datatype, shape, spec["data"])
-    else:
-        raise InvalidInput(f"input {iname!r} has neither 'data' nor parameters.binary_data_size")
-    if len(binary):
-        raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
-
-    wanted = req.get("outputs")
-    outputs = None
-    if wanted is not None:
-        if not isinstance(wanted, list):
-            raise InvalidInput("'outputs' must be a list")
-        outputs = []
-        for w in wanted:
-            oname = w.get("name") if isinstance(w, dict) else None
-            oparams = _params(w, f"output {oname!r}") if isinstance(w, dict) else {}
-            binary_out = oparams.get("binary_data")
-            outputs.append(oip.RequestedOutput.with_parameters(oname, None if binary_out is None else bool(binary_out),
-                                                               oparams))
-    return oip.InferRequest(model=name, version=version, input=oip.Tensor(iname, datatype, shape, value),
-                            parameters=params, outputs=outputs, id=req["id"] if isinstance(req.get("id"), str) else None,
-                            binary_output=bool(params.get("binary_data_output", False)))
-
-
-def _params(obj: dict, where: str) -> dict:
-    params = obj.get("parameters")
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise InvalidInput(f"'parameters' of {where} must be a JSON object")
-    return params
+    return oip.read_infer_request(name, version, doc, binary)
 
 
 def _write_infer_response(resp: oip.InferResponse) -> Response:

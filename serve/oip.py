@@ -256,6 +256,64 @@ class InferRequest:
         return spec
 
 
+def read_infer_request(model: str, version: str | None, doc, binary: bytes | memoryview = b"") -> InferRequest:
+    """A decoded JSON request (+ the binary tensor extension's bytes after it) -> InferRequest.
+    The one reader of OIP JSON requests: bdserve's HTTP door and the TorchServe handler's
+    KServe v2 envelope both call it."""
+    binary = memoryview(binary)
+    if not isinstance(doc, dict):
+        raise InvalidInput("the request must be a JSON object with an 'inputs' list")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise InvalidInput("the request must have an 'inputs' list with exactly one input tensor "
+                           f"(got {len(inputs) if isinstance(inputs, list) else type(inputs).__name__})")
+    params = _params(doc, "the request")
+
+    spec = inputs[0]
+    if not isinstance(spec, dict):
+        raise InvalidInput("each input must be a JSON object with name, datatype, shape and data")
+    iname, datatype = spec.get("name"), check_datatype(spec.get("datatype"))
+    shape = check_shape(spec.get("shape"))
+    iparams = _params(spec, f"input {iname!r}")
+    if "binary_data_size" in iparams:
+        size = iparams["binary_data_size"]
+        if not isinstance(size, int) or size < 0 or size > len(binary):
+            raise InvalidInput(f"malformed binary header: binary_data_size {size!r} but {len(binary)} binary bytes follow the JSON")
+        value = from_raw(datatype, shape, binary[:size])
+        binary = binary[size:]
+    elif "data" in spec:
+        value = from_json(datatype, shape, spec["data"])
+    else:
+        raise InvalidInput(f"input {iname!r} has neither 'data' nor parameters.binary_data_size")
+    if len(binary):
+        raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
+
+    wanted = doc.get("outputs")
+    outputs = None
+    if wanted is not None:
+        if not isinstance(wanted, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = []
+        for w in wanted:
+            oname = w.get("name") if isinstance(w, dict) else None
+            oparams = _params(w, f"output {oname!r}") if isinstance(w, dict) else {}
+            binary_out = oparams.get("binary_data")
+            outputs.append(RequestedOutput.with_parameters(oname, None if binary_out is None else bool(binary_out),
+                                                           oparams))
+    return InferRequest(model=model, version=version, input=Tensor(iname, datatype, shape, value),
+                        parameters=params, outputs=outputs, id=doc["id"] if isinstance(doc.get("id"), str) else None,
+                        binary_output=bool(params.get("binary_data_output", False)))
+
+
+def _params(obj: dict, where: str) -> dict:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"'parameters' of {where} must be a JSON object")
+    return params
+
+
 @dataclass
 class InferResponse:
     """What every door renders (KServe's InferResponse); ``prediction`` stays for doors with their
@@ -430,6 +488,19 @@ def prediction_headers(pred, index: int) -> dict[str, str]:
         v = getattr(pred, o.attribute)
         if v is not None:
             out[o.header] = _header_text(v[index])
+    return out
+
+
+def parameter_headers(parameters: dict[str, Any]) -> dict[str, str]:
+    """A response's parameters as the headers /predictions answers use (for a door whose body
+    has no room for them: TorchServe's KServe v2 envelope)."""
+    out = {}
+    for p in RESPONSE_PARAMETERS:
+        if parameters.get(p.name) is not None:
+            out[p.header] = _header_text(parameters[p.name])
+    for o in PER_IMAGE_OUTPUTS:
+        if o.summary is not None and parameters.get(o.name) is not None:
+            out[o.header] = _header_text(parameters[o.name])
     return out
 
 
