@@ -23,6 +23,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 TARGET_S = 60.0
+TARGET_VS_INPROCESS = 1.15
+
+
+def inprocess_pass(model_dir: Path, sets, batch_size: int, threads: int | None) -> float:
+    """Seconds for the same images through DefendedModel in this process (the served work, no serving)."""
+    import torch
+
+    from bdserve.serve.pipeline import DefendedModel
+
+    torch.set_num_threads(1)  # as `bdserve serve`: ONNX Runtime's pool does the heavy work
+    model = DefendedModel.load(model_dir, threads=threads)
+    model.predict(torch.from_numpy(sets[0].images[:batch_size]))  # warm-up
+    t = time.perf_counter()
+    for s in sets:
+        for i in range(0, len(s), batch_size):
+            model.predict(torch.from_numpy(s.images[i:i + batch_size]))
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -47,8 +64,10 @@ def main() -> None:
     card = ModelCard.load(args.model_dir)
     data = args.data or data_dir()
     t = time.perf_counter()
-    build_sets(card, data, args.limit)  # warm the decoded-dataset cache; timed separately below
+    sets = [s for s in build_sets(card, data, args.limit) if s is not None]  # also warms the dataset cache
     prep_s = time.perf_counter() - t
+    inproc_s = inprocess_pass(args.model_dir, sets, args.batch_size, args.threads)
+    print(f"in-process pass (DefendedModel, same sets, batch {args.batch_size}): {inproc_s:.1f} s", flush=True)
 
     from bdserve.testing import served
 
@@ -66,6 +85,7 @@ def main() -> None:
             rows.append({"transport": transport, "wall_s": wall, "send_s": row["seconds"], "images": row["images"],
                          "errors": row["errors"], "throughput_images_per_s": row["throughput_images_per_s"],
                          "latency_ms": row["latency_ms"], "defense": row["defense"],
+                         "vs_inprocess": row["seconds"] / inproc_s,
                          "clean_acc": row["clean"]["accuracy"], "asr": row["triggered"]["asr"],
                          "met_target": wall <= TARGET_S})
             print(f"{transport}: {row['images']} images in {wall:.1f} s wall ({row['seconds']:.1f} s sending), "
@@ -81,6 +101,7 @@ def main() -> None:
         "target_s": TARGET_S, "batch_size": args.batch_size, "concurrency": args.concurrency,
         "server_max_batch_size": args.max_batch_size, "server_threads": args.threads, "limit": args.limit,
         "dataset_load_s": prep_s, "server": banner.strip().splitlines()[0],
+        "inprocess_s": inproc_s, "target_vs_inprocess": TARGET_VS_INPROCESS,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "command": "python bench/eval_bench.py " + " ".join(sys.argv[1:]),
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -92,11 +113,14 @@ def main() -> None:
     lines = [f"# Full test set through the live service: {card.name}", "",
              f"{doc['server']}; client batch {args.batch_size}, {args.concurrency} in flight; "
              f"{os.cpu_count()} CPU cores shared with whatever else ran. Target: at most {TARGET_S:.0f} s.", "",
-             "| transport | images | errors | wall s | sending s | img/s | p50/p95/p99 ms | defense | clean acc % | ASR % | target |",
-             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|"]
+             f"In-process pass over the same sets (DefendedModel.predict, batch {args.batch_size}): {inproc_s:.1f} s; "
+             f"target: sending through the service at most {TARGET_VS_INPROCESS}x that.", "",
+             "| transport | images | errors | wall s | sending s | x in-process | img/s | p50/p95/p99 ms | defense | clean acc % | ASR % | target |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|"]
     for r in rows:
         lat = "/".join(f"{r['latency_ms'][k]:.0f}" for k in ("p50", "p95", "p99"))
         lines.append(f"| {r['transport']} | {r['images']} | {r['errors']} | {r['wall_s']:.1f} | {r['send_s']:.1f} | "
+                     f"{r['vs_inprocess']:.2f} | "
                      f"{r['throughput_images_per_s']:.0f} | {lat} | {r['defense']} | {100 * r['clean_acc']['rate']:.2f} | "
                      f"{100 * r['asr']['rate']:.2f} | {'met' if r['met_target'] else 'MISSED'} |")
     lines += ["", f"Wall time includes building the held-out sets (stamping the triggered images); "

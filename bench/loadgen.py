@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -162,6 +163,17 @@ def http_predictions_sender(port: int, model: str, images: list[bytes]):
 
 
 def grpc_image_sender(port: int, model: str, images: list[bytes]):
+    """gRPC ModelInfer of one encoded image per request (BYTES input, raw contents)."""
+    return grpc_sender(port, model, [(oip.IMAGE_INPUT, "BYTES", [1], oip.pack_bytes([b])) for b in images])
+
+
+def grpc_tensor_sender(port: int, model: str, tensors: list[np.ndarray]):
+    """gRPC ModelInfer of one UINT8 tensor per request (raw contents)."""
+    return grpc_sender(port, model, [(oip.TENSOR_INPUT, "UINT8", list(x.shape), x.tobytes()) for x in tensors])
+
+
+def grpc_sender(port: int, model: str, inputs: list[tuple[str, str, list[int], bytes]]):
+    """Requests cycling over ``inputs`` (name, datatype, shape, raw contents), one channel per client."""
     import grpc
 
     from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
@@ -171,10 +183,10 @@ def grpc_image_sender(port: int, model: str, images: list[bytes]):
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         stub = pbg.GRPCInferenceServiceStub(channel)
         reqs = []
-        for blob in images:
+        for name, datatype, shape, raw in inputs:
             r = pb.ModelInferRequest(model_name=model)
-            r.inputs.add(name=oip.IMAGE_INPUT, datatype="BYTES", shape=[1])
-            r.raw_input_contents.append(oip.pack_bytes([blob]))
+            r.inputs.add(name=name, datatype=datatype, shape=shape)
+            r.raw_input_contents.append(raw)
             reqs.append(r)
 
         async def send(i: int):
@@ -185,6 +197,34 @@ def grpc_image_sender(port: int, model: str, images: list[bytes]):
             return None if resp.outputs else "empty response"
 
         return send, channel.close
+
+    return make
+
+
+def tensor_oip_sender(port: int, model: str, tensors: list[np.ndarray], binary: bool):
+    """OIP HTTP infer of one UINT8 tensor per request: binary extension in and out, or JSON."""
+    def body_of(x: np.ndarray) -> tuple[bytes, dict]:
+        spec = {"name": oip.TENSOR_INPUT, "datatype": "UINT8", "shape": list(x.shape)}
+        if binary:
+            raw = x.tobytes()
+            spec["parameters"] = {"binary_data_size": len(raw)}
+            head = json.dumps({"inputs": [spec], "parameters": {"binary_data_output": True}}).encode()
+            return head + raw, {"Content-Type": "application/octet-stream",
+                                "Inference-Header-Content-Length": str(len(head))}
+        spec["data"] = x.reshape(-1).tolist()
+        return json.dumps({"inputs": [spec]}).encode(), {"Content-Type": "application/json"}
+
+    bodies = [body_of(x) for x in tensors]
+
+    async def make():
+        conn = HttpConn("127.0.0.1", port)
+
+        async def send(i: int):
+            body, headers = bodies[i % len(bodies)]
+            status, _, data = await conn.request("POST", f"/v2/models/{model}/infer", body, headers)
+            return None if status == 200 else f"HTTP {status}: {data[:200]!r}"
+
+        return send, conn.close
 
     return make
 

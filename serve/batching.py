@@ -1,59 +1,96 @@
-"""Dynamic batching: one asyncio batcher per model, shared by every door.
+"""Adaptive batching: one asyncio batcher per model, shared by every door.
 
-Requests enqueue (tensor, defense, future); the defense is the Transform the door resolved
-(a spec string also works, for callers in-process). A worker task takes the first waiting
-request, then keeps collecting until the batch holds ``max_batch_size`` images or
-``max_queue_delay_ms`` has passed since that first request, concatenates, runs
-``predict`` in a worker thread (so the event loop keeps accepting and decoding),
-and hands every request its slice of the result.
+A request enqueues its input - a decoded tensor, or the encoded images themselves - with
+the defense the door resolved and a future. The batcher never makes a lone request wait:
 
-Batching does not change what a request gets: every random defense draws its
-parameters per sample, so an image's draw does not depend on its batch-mates.
-Requests asking for different defenses (lab mode) are run as separate groups, keyed by the
-resolved defense object (the model caches one per spec).
+* when the model is idle, what is queued runs at once;
+* while the model is busy, requests queue; the next batch takes what queued meanwhile,
+  up to ``max_batch_size`` images, oldest first;
+* it waits for company only while requests are known to be on their way (the door has
+  them, the batcher not yet), and never longer than ``max_queue_delay_ms`` after the
+  oldest queued request arrived: the delay is an upper bound, not a fixed wait;
+* a request larger than ``max_batch_size`` is split over several batches and answered
+  once its last piece has run.
+
+One executor call per formed batch decodes its encoded images (a request's slice at a
+time, so a bad image fails only its own request), concatenates and runs ``predict``;
+the event loop meanwhile keeps accepting requests. A lone small batch (nothing queued
+behind it, nothing on its way) runs inline on the event loop instead: there is nothing
+for the loop to do meanwhile, and the two thread hand-offs would cost more than the model.
+
+Batching does not change what a request gets: every random defense draws its parameters
+per sample, so an image's draw does not depend on its batch-mates. Requests asking for
+different defenses (lab mode) run as separate groups, keyed by the resolved defense
+object (the model caches one per spec).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from bdserve.serve.errors import Overloaded
 
 log = logging.getLogger(__name__)
 
+# A lone batch this small runs inline on the event loop (see Batcher._inline): about a
+# millisecond of the demo model, and small encoded images (no camera photo blocks the loop).
+INLINE_MAX_IMAGES = 4
+INLINE_MAX_BYTES = 64 * 1024
+INLINE_IDLE_S = 0.0003  # the model idle this long before the request came (a round trip on loopback)
 
-@dataclass
+
+@dataclass(eq=False)
 class _Item:
-    x: torch.Tensor
+    x: torch.Tensor | Sequence[bytes]  # a (B, 3, H, W) batch, or B encoded images
+    n: int
     defense: object  # a Transform from DefendedModel.resolve_defense, a spec, or None
     future: asyncio.Future
     enqueued: float  # loop time
+    taken: int = 0  # images already placed in a batch
+    parts: list = field(default_factory=list)  # (start, Prediction) per finished piece
+    fits: list = field(default_factory=list)  # (start, [Fitted]) per decoded piece of encoded images
+    done: int = 0  # images answered
 
     @property
-    def n(self) -> int:
-        return int(self.x.shape[0])
+    def encoded(self) -> bool:
+        return not isinstance(self.x, torch.Tensor)
+
+
+@dataclass
+class _Piece:
+    item: _Item
+    start: int
+    stop: int
 
 
 class Batcher:
     def __init__(self, model, *, max_batch_size: int = 32, max_queue_delay_ms: float = 5.0,
-                 max_queue_images: int = 4096, on_batch: Callable | None = None):
+                 max_queue_images: int = 4096, on_batch: Callable | None = None,
+                 arriving: Callable[[], int] | None = None):
+        """``arriving``: how many requests for this model the doors hold that have not reached
+        ``submit`` yet (reading or parsing their body); the batcher waits for those, up to the delay."""
         self.model = model
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_queue_images = max(1, int(max_queue_images))
         self._queued_images = 0
         self.delay = max(0.0, float(max_queue_delay_ms)) / 1000.0
         self.on_batch = on_batch
+        self.arriving = arriving or (lambda: 0)
+        self.submitted = 0  # requests inside submit (queued or running), for the doors' arriving count
         self._pending: deque[_Item] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._idle_since = float("-inf")  # loop time the last batch finished
         # One thread per model: batches of one model run one after another.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"predict-{model.name}")
 
@@ -61,23 +98,27 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")
 
-    async def submit(self, x: torch.Tensor, defense=None):
-        """Queue a (B, 3, H, W) batch; returns its Prediction once its batch has run."""
+    async def submit(self, x: torch.Tensor | Sequence[bytes], defense=None):
+        """Queue a (B, 3, H, W) batch or B encoded images; returns its Prediction once every
+        image has run."""
         if self._closing:
             raise Overloaded("the server is shutting down")
-        if self._queued_images + int(x.shape[0]) > self.max_queue_images:
+        n = int(x.shape[0]) if isinstance(x, torch.Tensor) else len(x)
+        if self._queued_images + n > self.max_queue_images:
             # Bounded memory under overload: refuse now rather than queue without end.
             raise Overloaded(f"model {self.model.name} has {self._queued_images} images queued "
                              f"(limit {self.max_queue_images}); retry later")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._pending.append(_Item(x, defense, fut, loop.time()))
-        self._queued_images += int(x.shape[0])
+        self._pending.append(_Item(x, n, defense, fut, loop.time()))
+        self._queued_images += n
+        self.submitted += 1
         self._wakeup.set()
         try:
             return await fut
         finally:
-            self._queued_images -= int(x.shape[0])
+            self._queued_images -= n
+            self.submitted -= 1
 
     async def close(self) -> None:
         """Finish everything queued, then stop the worker."""
@@ -86,6 +127,9 @@ class Batcher:
             self._wakeup.set()
             await self._task
         self._executor.shutdown(wait=True)
+
+    def _queued(self) -> int:
+        return sum(i.n - i.taken for i in self._pending)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,53 +140,153 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # Wait for company until the batch is full or the oldest request has waited long
-            # enough (counted from its arrival: under load it already waited for the last batch).
+            # The model is idle. Wait for company only while the doors hold requests that
+            # have not reached the queue yet, and never past the oldest request's deadline.
             deadline = self._pending[0].enqueued + self.delay
-            while sum(i.n for i in self._pending) < self.max_batch_size and not self._closing:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
+            while (not self._closing and self.arriving() > 0 and self._queued() < self.max_batch_size
+                   and (left := deadline - loop.time()) > 0):
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), left)
+                    await asyncio.wait_for(self._wakeup.wait(), min(left, 0.001))
                 except asyncio.TimeoutError:
-                    break
-            batch, n = [], 0
-            while self._pending and (not batch or n + self._pending[0].n <= self.max_batch_size):
-                item = self._pending.popleft()
-                if item.future.done():  # the client went away
-                    continue
-                batch.append(item)
-                n += item.n
-            groups: dict[object, list[_Item]] = {}
-            for item in batch:
-                groups.setdefault(item.defense, []).append(item)
-            for defense, items in groups.items():
-                await self._execute(loop, defense, items)
+                    pass  # look at the arrivals again: a request may have failed before queueing
+            groups: dict[int, list[_Piece]] = {}
+            for piece in self._take():
+                groups.setdefault(id(piece.item.defense), []).append(piece)
+            for pieces in groups.values():
+                await self._execute(loop, pieces)
 
-    async def _execute(self, loop, defense, items: list[_Item]) -> None:
-        xs = [i.x for i in items]
+    def _take(self) -> list[_Piece]:
+        """Up to max_batch_size images from the queue, oldest first; a large request gives a slice."""
+        pieces, room = [], self.max_batch_size
+        while self._pending and room > 0:
+            item = self._pending[0]
+            if item.future.done():  # the client went away, or an earlier piece failed
+                self._pending.popleft()
+                continue
+            stop = min(item.n, item.taken + room)
+            pieces.append(_Piece(item, item.taken, stop))
+            room -= stop - item.taken
+            item.taken = stop
+            if item.taken == item.n:
+                self._pending.popleft()
+        return pieces
+
+    def _inline(self, pieces: list[_Piece]) -> bool:
+        """A lone small batch runs on the event loop itself: with nothing queued or on its way
+        there is nothing for the loop to do meanwhile, and two thread hand-offs per request cost
+        more than the model on a busy machine. Anything bigger goes to the model's thread."""
+        if self._pending or self.arriving() > 0:
+            return False
+        # Only a request that found the model idle: one that arrives right as the last batch
+        # ends was most likely held up by it (gRPC delivers calls only once the loop is free
+        # again), and inline runs would then keep batches at one image under load.
+        if pieces[0].item.enqueued - self._idle_since < INLINE_IDLE_S:
+            return False
+        n = sum(p.stop - p.start for p in pieces)
+        encoded = sum(len(b) for p in pieces if p.item.encoded for b in p.item.x[p.start:p.stop])
+        return n <= INLINE_MAX_IMAGES and encoded <= INLINE_MAX_BYTES
+
+    async def _execute(self, loop, pieces: list[_Piece]) -> None:
+        defense = pieces[0].item.defense
+        try:
+            if self._inline(pieces):
+                pred, ok, failed = self._decode_and_predict(pieces, defense)
+            else:
+                pred, ok, failed = await loop.run_in_executor(self._executor, self._decode_and_predict, pieces, defense)
+        except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
+            self._idle_since = loop.time()
+            for p in pieces:
+                _fail(p.item, e)
+            return
+        self._idle_since = loop.time()
+        for p, e in failed:
+            _fail(p.item, e)
+        if pred is None:
+            return
+        if self.on_batch is not None:
+            try:
+                self.on_batch(self.model, len(pred), pred)
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                log.exception("metrics callback failed")
+        start = 0
+        for p in ok:
+            n = p.stop - p.start
+            self._answer(p.item, p.start, pred.slice(start, start + n))
+            start += n
+
+    def _answer(self, item: _Item, start: int, pred) -> None:
+        """One piece of a request answered; the request's future resolves with its last piece,
+        saying how its images were fitted (encoded images) as one request."""
+        if item.future.done():
+            return
+        item.parts.append((start, pred))
+        item.done += len(pred)
+        if item.done < item.n:
+            return
+        if len(item.parts) > 1:
+            pred = _join([p for _, p in sorted(item.parts, key=lambda sp: sp[0])])
+        if item.encoded:
+            pred.fit = self.model.describe_fits([f for _, how in sorted(item.fits, key=lambda sh: sh[0]) for f in how])
+        item.future.set_result(pred)
+
+    def _decode_and_predict(self, pieces: list[_Piece], defense):
+        """In the model's thread: decode each piece's images, concatenate, predict.
+        Returns (prediction or None, the pieces in it, [(piece, error)] that failed to decode)."""
+        xs, ok, failed = [], [], []
+        for p in pieces:
+            if p.item.future.done():
+                continue
+            if p.item.encoded:
+                try:
+                    x, how = self.model.decode_with_fits(list(p.item.x[p.start:p.stop]))
+                    xs.append(x)
+                    p.item.fits.append((p.start, how))
+                except Exception as e:  # noqa: BLE001 - the request's own error (bad image, ...)
+                    failed.append((p, _name_image(e, p)))
+                    continue
+            else:
+                xs.append(p.item.x[p.start:p.stop])
+            ok.append(p)
+        if not xs:
+            return None, ok, failed
         if len({t.dtype for t in xs}) > 1:
             # Photos arrive as uint8, tensors may be FP32: bring everything to float [0, 1] first.
             xs = [t.float().div(255) if t.dtype == torch.uint8 else t.float() for t in xs]
         if len({t.device for t in xs}) > 1:  # GPU-decoded photos next to host tensors
             xs = [t.to(self.model.device) for t in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        try:
-            pred = await loop.run_in_executor(self._executor, lambda: self.model.predict(x, defense=defense))
-        except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
-            for i in items:
-                if not i.future.done():
-                    i.future.set_exception(e)
-            return
-        if self.on_batch is not None:
-            try:
-                self.on_batch(self.model, int(x.shape[0]), pred)
-            except Exception:  # noqa: BLE001 - metrics must never fail a request
-                log.exception("metrics callback failed")
-        start = 0
-        for i in items:
-            if not i.future.done():
-                i.future.set_result(pred.slice(start, start + i.n))
-            start += i.n
+        return self.model.predict(x, defense=defense), ok, failed
+
+
+def _name_image(e: Exception, p: _Piece) -> Exception:
+    """A decode error names the image by its index in the whole request, not in the piece."""
+    if p.item.n == 1 or not hasattr(e, "http_status"):
+        return e
+    msg = str(e)
+    m = re.match(r"image (\d+): (.*)", msg, re.S)
+    index, rest = (int(m.group(1)), m.group(2)) if m else (0, msg)
+    return type(e)(f"image {p.start + index}: {rest}")
+
+
+def _fail(item: _Item, e: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(e)
+
+
+
+
+def _join(preds: list):
+    """The pieces of a split request, in order, as one Prediction (per-request fields from the first)."""
+    from dataclasses import fields, replace
+
+    first = preds[0]
+    n = len(first)
+    joined = {}
+    for f in fields(first):
+        v = getattr(first, f.name)
+        if isinstance(v, np.ndarray) and len(v) == n:
+            joined[f.name] = np.concatenate([getattr(p, f.name) for p in preds])
+        elif isinstance(v, list) and len(v) == n:
+            joined[f.name] = [e for p in preds for e in getattr(p, f.name)]
+    return replace(first, **joined)

@@ -131,13 +131,15 @@ def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:
     return out
 
 
-def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grpc.aio.Server:
+def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+                       reuse_port: bool = False) -> grpc.aio.Server:
+    """``reuse_port``: only for ``--workers`` (serve/workers.py), which holds the port for its workers."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # grpcio sets SO_REUSEPORT by default: a second server would then share a busy port
-        # and take part of its traffic. Off, binding a busy port fails.
-        ("grpc.so_reuseport", 0),
+        # and take part of its traffic. Off, binding a busy port fails; on only for --workers.
+        ("grpc.so_reuseport", int(reuse_port)),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     return server

@@ -15,9 +15,10 @@ output's ``parameters.binary_data``; the response then carries the same header.
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -131,6 +132,7 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ infer
+    # Declared here for the route table; requests reach them through HotRoutes below.
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None):
@@ -150,7 +152,38 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     from bdserve.serve.lab import mount_lab  # late: lab.py builds on this module
 
     mount_lab(app, service, lab_keep)  # the photo lab, on a --lab server only
-    return AccessLog(BodyLimit(app, max_body_bytes))
+    return AccessLog(BodyLimit(HotRoutes(app, service), max_body_bytes))
+
+
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+_PREDICTIONS_PATH = re.compile(r"/predictions/([^/]+)(?:/([^/]+))?")
+
+
+class HotRoutes:
+    """The thin request path: the prediction routes as plain ASGI in front of FastAPI.
+
+    ``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST|PUT /predictions/{m}[/{v}]`` go
+    straight to their handlers (the same functions FastAPI's routes call) with a bare
+    Starlette Request: no middleware stack, route scan or dependency solving per request.
+    Everything else goes to FastAPI. The access log and body limit wrap both."""
+
+    def __init__(self, app, service: InferenceService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            path, method = scope["path"], scope["method"]
+            if method == "POST" and (m := _INFER_PATH.fullmatch(path)):
+                name, version = m.group(1), m.group(2)
+                work, protocol = _infer(self.service, name, version, Request(scope, receive)), PROTOCOL
+            elif m := _PREDICTIONS_PATH.fullmatch(path):
+                name, version = m.group(1), m.group(2)
+                work, protocol = _predictions(self.service, name, version, Request(scope, receive)), PREDICTIONS_PROTOCOL
+            else:
+                return await self.app(scope, receive, send)
+            response = await _observed(self.service, name, work, protocol)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 async def _observed(service: InferenceService, name: str, work, protocol: str = PROTOCOL) -> Response:
@@ -187,8 +220,8 @@ def _read_infer_request(name: str, version: str | None, body: bytes, header_len:
     else:
         header, binary = body, memoryview(b"")
     try:
-        doc = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as e:
         raise InvalidInput(f"malformed JSON request: {e}") from None
     return oip.read_infer_request(name, version, doc, binary)
 
@@ -209,7 +242,7 @@ def _write_infer_response(resp: oip.InferResponse) -> Response:
            "outputs": out_json}
     if resp.id is not None:
         doc["id"] = resp.id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return Response(head, media_type="application/json")
     return Response(head + b"".join(blobs), media_type="application/octet-stream",
@@ -225,4 +258,5 @@ async def _predictions(service: InferenceService, name: str, version: str | None
         model=name, version=version, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
         parameters={} if defense is None else {oip.DEFENSE: defense}))
     pred = resp.prediction
-    return JSONResponse(model.postprocess(pred)[0], headers=oip.prediction_headers(pred, 0))
+    return Response(orjson.dumps(model.postprocess(pred)[0], option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                    headers=oip.prediction_headers(pred, 0))

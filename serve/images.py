@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bdserve.serve.errors import InvalidInput
+from bdserve.serve.fastdecode import decode_exact
 from bdserve.serve.printfit import find_print, rectify
 
 FORMATS = ("JPEG", "PNG", "WEBP")
@@ -231,9 +232,15 @@ def decode_batch(blobs: list[bytes], size: tuple[int, int], max_pixels: int = DE
     out, how = [], []
     for i, blob in enumerate(blobs):
         try:
+            # nvjpeg on the GPU (cover only); an image already at the input size, which every fit
+            # passes untouched, skips Pillow (serve/fastdecode.py, same pixels).
             t = decode_image_tensor(blob, size, max_pixels, device) if gpu else None
             if t is not None:
                 how.append(Fitted(np.empty((0, 0, 3), np.uint8), "cover"))
+            elif (t := decode_exact(blob, size)) is not None:
+                how.append(Fitted(np.empty((0, 0, 3), np.uint8), "cover", frame=(size[1], size[0])))
+                if device is not None:
+                    t = t.to(device)
             else:
                 f = decode_fitted(blob, size, max_pixels, policy)
                 t = torch.from_numpy(f.image).permute(2, 0, 1)

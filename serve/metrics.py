@@ -2,13 +2,22 @@
 can live in one process, e.g. in tests). Names follow architecture.md; labels are
 bounded: model names come from the store (an unknown model a client asked for is
 counted as ``_unknown``), labels from the card's class list, codes from HTTP/gRPC.
+
+Under ``bdserve serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set by the parent) every
+worker writes its counts to prometheus-client's multiprocess files and ``render`` sums the
+workers' series; the model description and python_info are the same in every worker and
+come from the answering one. The per-process process_* and GC series are left out there:
+they would describe whichever worker answered the scrape.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
                                Histogram, Info, generate_latest)
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the HTTP app)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 UNKNOWN_MODEL = "_unknown"
 OTHER_DEFENSE = "_other"
@@ -24,10 +33,14 @@ _MARGIN = (-4, -2, -1.5, -1, -0.75, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 4, 8)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        # Series every worker knows alike (only this worker's copy is rendered).
+        self._local = CollectorRegistry() if self.multiprocess_dir else r
         # The standard process_* and python_* series (memory, CPU, open fds, GC), which the
         # default registry has and a registry of our own must ask for.
-        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-            r.register(collector)
+        for collector in ((PLATFORM_COLLECTOR,) if self.multiprocess_dir
+                          else (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)):
+            self._local.register(collector)
         self.requests = Counter("bdserve_requests", "Requests answered", ["model", "protocol", "code"], registry=r)
         self.request_duration = Histogram(
             "bdserve_request_duration_seconds", "Time from request to response",
@@ -40,9 +53,10 @@ class Metrics:
             ["model", "backend"], buckets=_LATENCY, registry=r)
         self.batch_size = Histogram("bdserve_batch_size", "Images per executed batch", ["model"],
                                     buckets=_BATCH, registry=r)
-        self.inflight = Gauge("bdserve_inflight_requests", "Requests being processed", ["model"], registry=r)
+        self.inflight = Gauge("bdserve_inflight_requests", "Requests being processed", ["model"], registry=r,
+                              multiprocess_mode="livesum")
         self._defense_labels: dict[str, set[str]] = {}
-        self.model_info = Info("bdserve_model", "Served model", ["model"], registry=r)
+        self.model_info = Info("bdserve_model", "Served model", ["model"], registry=self._local)
         self.predictions = Counter("bdserve_predictions", "Top-1 predictions by class", ["model", "label"], registry=r)
         self.suspected = Counter("bdserve_suspected_triggers",
                                  "Images a calibrated trigger detector flags (--detect)", ["model"], registry=r)
@@ -97,4 +111,8 @@ class Metrics:
         return OTHER_DEFENSE
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        workers = CollectorRegistry()
+        MultiProcessCollector(workers, path=self.multiprocess_dir)
+        return generate_latest(workers) + generate_latest(self._local)

@@ -34,7 +34,7 @@ import torch
 from bdserve.card import CARD_FILE, ModelCard
 from bdserve.serve.detection import CLASSIFY_CHUNK, Detection, load_detection
 from bdserve.serve.errors import DefenseNotAllowed, InvalidInput
-from bdserve.serve.images import COVER, DEFAULT_MAX_PIXELS, FitPolicy, decode_batch, describe_fits
+from bdserve.serve.images import COVER, DEFAULT_MAX_PIXELS, FitPolicy, Fitted, decode_batch, describe_fits
 from bdserve.serve.runtimes import Runtime, open_runtime
 from bdserve.settings import pick_device
 from bdserve.transforms import create_defense
@@ -197,8 +197,17 @@ class DefendedModel:
     def decode_fitted(self, blobs: list[bytes]) -> tuple[torch.Tensor, str]:
         """``decode``, and what the response says about the fit, e.g. ``print (area)`` or
         ``cover (area; no print found)``."""
-        x, how = decode_batch(blobs, self.input_size, self.max_pixels, self.decode_device, self.fit)
-        return x, describe_fits(self.fit, how)
+        x, how = self.decode_with_fits(blobs)
+        return x, self.describe_fits(how)
+
+    def decode_with_fits(self, blobs: list[bytes]) -> tuple[torch.Tensor, list[Fitted]]:
+        """``decode``, and how each image was fitted (``Fitted`` without its pixels): the batcher
+        decodes a split request piece by piece and describes the fits of the whole request once."""
+        return decode_batch(blobs, self.input_size, self.max_pixels, self.decode_device, self.fit)
+
+    def describe_fits(self, how: list[Fitted]) -> str:
+        """What a response says about the fit of its images (see ``decode_fitted``)."""
+        return describe_fits(self.fit, how)
 
     def from_array(self, arr: np.ndarray) -> torch.Tensor:
         """A raw UINT8 (0..255) or FP32 ([0, 1]) array (B, 3, H, W) -> tensor, validated.

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import threading
@@ -43,6 +44,11 @@ class ServeConfig:
     log_level: str = "warning"
     access_log: bool = True  # one JSON line per request on stdout (bdserve.access)
     lab_keep: Path | None = None  # --lab-keep: the photo lab appends each upload and answer here
+    # One of `--workers N` (serve/workers.py): the HTTP socket the parent listens on, gRPC bound
+    # with SO_REUSEPORT beside the other workers, and the worker's number in a response header.
+    http_fd: int | None = None
+    grpc_shared: bool = False
+    worker: int | None = None
 
 
 def load_models(store: str | Path, names: list[str] | None = None, **load_kw) -> list[DefendedModel]:
@@ -79,6 +85,25 @@ def _bind(host: str, port: int, door: str = "HTTP", flag: str = "--http-port") -
     return sock
 
 
+class _WorkerHeader:
+    """ASGI wrapper: every response says which worker process answered (``X-Bdserve-Worker: N pid``)."""
+
+    def __init__(self, app, number: int):
+        self.app = app
+        self.header = (b"x-bdserve-worker", f"{number} {os.getpid()}".encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_header)
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -103,19 +128,22 @@ class Server:
         self._stop = asyncio.Event()
         access_log.enable(cfg.access_log)
         # Both ports are bound before anything starts, so a busy one fails with nothing to undo.
-        sock = _bind(cfg.host, cfg.http_port)
+        sock = socket.socket(fileno=cfg.http_fd) if cfg.http_fd is not None else _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
         self._grpc = None
         if cfg.grpc_port is not None:
-            if cfg.grpc_port:  # probe first: grpcio would also log its own multi-line complaint
+            # Probe first: grpcio would also log its own multi-line complaint. A worker's port is
+            # held by its parent (serve/workers.py), which probed it; the worker joins it.
+            if cfg.grpc_port and not cfg.grpc_shared:
                 try:
                     _bind(cfg.host, cfg.grpc_port, "gRPC", "--grpc-port").close()
                 except OSError:
                     sock.close()
                     raise
-            self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes)
+            self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes,
+                                            reuse_port=cfg.grpc_shared)
             self._grpc_standard = StandardServices(self._grpc, self.service.models)
-            try:  # grpc.so_reuseport is off (grpc_server.py), so a busy port fails here too
+            try:  # grpc.so_reuseport is off (but for workers), so a busy port fails here too
                 self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
             except RuntimeError:
                 self.grpc_port = 0
@@ -124,6 +152,8 @@ class Server:
                 raise PortInUse("gRPC", cfg.host, cfg.grpc_port, "--grpc-port")
         await self.service.start()
         app = create_app(self.service, max_body_bytes=cfg.max_body_bytes, lab_keep=cfg.lab_keep)
+        if cfg.worker is not None:
+            app = _WorkerHeader(app, cfg.worker)
         self._uvicorn = _Uvicorn(uvicorn.Config(
             app, log_level=cfg.log_level, access_log=False, lifespan="off",
             timeout_graceful_shutdown=int(cfg.grace_s) or None,

@@ -54,15 +54,24 @@ class InferenceService:
         self.models = {name: vs[max(vs, key=version_key)] for name, vs in self.versions.items()}
         self.metrics = metrics or Metrics()
         self.max_batch_size = max_batch_size
+        # Requests each door holds per model name (from their first byte to their answer); the
+        # batcher waits for those not yet queued (see batching.py).
+        self._open: dict[str, int] = {name: 0 for name in self.versions}
         self.batchers = {
             (m.name, m.version): Batcher(m, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                                         max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch)
+                                         max_queue_images=max_queue_images, on_batch=self.metrics.observe_batch,
+                                         arriving=self._arriving(m.name))
             for m in models
         }
         for m in self.models.values():
             self.metrics.describe_model(m)
         self.max_request_images = max_queue_images
         self.ready = False
+
+    def _arriving(self, name: str):
+        """Requests for model ``name`` (any version) the doors hold that no batcher has yet."""
+        mine = [(name, v) for v in self.versions[name]]
+        return lambda: self._open[name] - sum(self.batchers[k].submitted for k in mine)
 
     async def start(self) -> None:
         for b in self.batchers.values():
@@ -113,7 +122,7 @@ class InferenceService:
         """One request through the model's batcher: input -> tensor, defense resolved, answer built."""
         model = self.get(request.model, request.version)
         oip.check_outputs(request, model)
-        x, fit = await self._to_tensor(model, request.input)
+        x = self._to_tensor(model, request.input)
         # Refused here, before queueing (lab mode, bad spec); the cached Transform object is
         # what the batcher groups by, so "Flip", "flip" and no parameter share a batch.
         defense = model.resolve_defense(request.defense)
@@ -123,7 +132,6 @@ class InferenceService:
             pred = await self.batchers[(model.name, model.version)].submit(x, defense)
         finally:
             gauge.dec()
-        pred.fit = fit  # this request's own slice of the batch
         if self.on_suspect == "reject" and pred.suspected is not None and pred.suspected.any():
             self.metrics.rejected.labels(model=model.name).inc()
             flagged = [int(i) for i in pred.suspected.nonzero()[0]]
@@ -133,9 +141,10 @@ class InferenceService:
                 f"this server rejects suspected inputs)")
         return oip.infer_response(request, model, pred)
 
-    async def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> tuple[torch.Tensor, str | None]:
-        """A decoded OIP input -> the model's uint8/float batch, and how encoded images were fitted
-        (None for raw tensors). Images decode off the event loop."""
+    def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor | list[bytes]:
+        """A decoded OIP input -> the model's uint8/float batch, or the encoded images, which
+        the batcher decodes with the rest of their batch (one hand-off per batch, not per request)
+        and reports how they were fitted (``Prediction.fit``)."""
         shape = t.shape
         if shape and shape[0] > self.max_request_images:
             # Checked before any decoding: a request of 100k tiny PNGs would cost seconds and gigabytes.
@@ -146,10 +155,12 @@ class InferenceService:
         if t.datatype == "BYTES":
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
                 raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
-            return await asyncio.to_thread(model.decode_fitted, list(t.value))
+            if not t.value:
+                raise InvalidInput("no images in the request")
+            return list(t.value)
         if t.datatype not in ("UINT8", "FP32"):
             raise InvalidInput(f"datatype {t.datatype} not accepted: send UINT8 or FP32 [B,3,H,W], or BYTES images")
-        return model.from_array(t.value), None
+        return model.from_array(t.value)
 
     @contextmanager
     def observe(self, model_name: str, protocol: str, ok_code: str = "200"):
@@ -157,8 +168,13 @@ class InferenceService:
         the transport sets ``box['code']`` when the request fails."""
         box = {"code": ok_code}
         t0 = time.perf_counter()
+        counted = model_name in self._open
+        if counted:
+            self._open[model_name] += 1
         try:
             yield box
         finally:
+            if counted:
+                self._open[model_name] -= 1
             self.metrics.observe_request(self.metric_name(model_name), protocol, box["code"],
                                          time.perf_counter() - t0)

@@ -54,9 +54,20 @@ def register(app: typer.Typer) -> None:
         grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
         access_log: str = typer.Option("on", "--access-log", help="on: one JSON line per request on stdout (method, path, model, status, duration, bytes, request id); off: none."),
+        workers: int = typer.Option(1, "--workers", min=1, help="Server processes sharing the ports, each with its own batcher and ONNX Runtime session (threads split between them); for machines with many cores."),
+        worker_http_fd: Optional[int] = typer.Option(None, "--worker-http-fd", hidden=True, help="Internal: one of --workers, on the parent's HTTP socket."),
     ) -> None:
         """Serve defended models over HTTP (Open Inference Protocol v2, TorchServe-style /predictions, /metrics) and gRPC."""
         import asyncio
+        import os
+        import sys
+
+        if workers > 1:
+            from bdserve.serve.workers import supervise
+
+            raise typer.Exit(supervise(sys.argv[1:], workers=workers, host=host, http_port=http_port,
+                                       grpc_port=None if no_grpc else grpc_port, threads=threads,
+                                       grace_s=grace_s, announce=typer.echo))
 
         from bdserve.serve.errors import InvalidInput
         from bdserve.serve.server import ServeConfig, load_models, serve_forever
@@ -107,6 +118,11 @@ def register(app: typer.Typer) -> None:
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level,
                              access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep)
+        if worker_http_fd is not None:
+            from bdserve.serve.workers import WORKER_ENV
+
+            config.http_fd, config.grpc_shared = worker_http_fd, True
+            config.worker = int(os.environ.get(WORKER_ENV, "1"))
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
         raise typer.Exit(code)

@@ -84,18 +84,19 @@ class _SlowModel:
     name = "slow"
     device = torch.device("cpu")
 
-    def __init__(self):
-        self.batches = []
+    def __init__(self, seconds: float = 0.05):
+        self.batches, self.seconds = [], seconds
 
     def predict(self, x, *, defense=None):
         import time
 
         from bdserve.serve.pipeline import Prediction
 
-        time.sleep(0.05)
+        time.sleep(self.seconds)
         self.batches.append((int(x.shape[0]), defense))
         b = x.shape[0]
-        return Prediction(np.full((b, 2), 0.5, np.float32), np.zeros(b, np.int64), ["a"] * b, defense or "flip")
+        probs = np.stack([x[:, 0, 0, 0].float().numpy(), np.full(b, 0.5, np.float32)], 1)
+        return Prediction(probs, np.zeros(b, np.int64), ["a"] * b, defense or "flip")
 
 
 def test_batcher_limits_and_splits():
@@ -113,13 +114,120 @@ def test_batcher_limits_and_splits():
         with pytest.raises(Overloaded, match="limit 10"):
             await b.submit(one)
         results = await asyncio.gather(*tasks)
-        big = await b.submit(torch.zeros(9, 3, 2, 2))  # larger than a batch: runs alone
+        big = await b.submit(torch.arange(9.0).view(9, 1, 1, 1).expand(9, 3, 2, 2))  # split over 3 batches
         mixed = await asyncio.gather(b.submit(one, "none"), b.submit(one), b.submit(one, "none"))
         await b.close()
         return results, big, mixed
 
     results, big, mixed = asyncio.run(main())
     assert [len(r) for r in results] == [1] * 10 and len(big) == 9
-    assert model.batches[:4] == [(4, None), (4, None), (2, None), (9, None)]
-    assert sorted(model.batches[4:], key=str) == sorted([(2, "none"), (1, None)], key=str)
+    # All ten queued before the batcher first ran: batches of at most 4, at once.
+    assert model.batches[:3] == [(4, None), (4, None), (2, None)]
+    assert model.batches[3:6] == [(4, None), (4, None), (1, None)]
+    assert [float(v) for v in big.probs[:, 0]] == list(range(9))  # the pieces, back in order
+    assert sorted(model.batches[6:], key=str) == sorted([(2, "none"), (1, None)], key=str)
     assert [m.defense for m in mixed] == ["none", "flip", "none"]
+
+
+def test_lone_request_does_not_wait_for_the_queue_delay():
+    """A 2 s batching window: an idle model still answers a single request at once."""
+    from bdserve.serve.batching import Batcher
+
+    model = _SlowModel(seconds=0.0)
+
+    async def main():
+        b = Batcher(model, max_batch_size=32, max_queue_delay_ms=2000)
+        b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await b.submit(torch.zeros(1, 3, 2, 2))
+        took = loop.time() - t0
+        await b.close()
+        return took
+
+    assert asyncio.run(main()) < 1.0  # far less than the 2 s window
+    assert model.batches == [(1, None)]
+
+
+def test_batcher_waits_for_arrivals_only_up_to_the_delay():
+    """Requests the doors announce but never queue hold a batch back at most the delay."""
+    from bdserve.serve.batching import Batcher
+
+    model = _SlowModel(seconds=0.0)
+
+    async def main():
+        b = Batcher(model, max_batch_size=32, max_queue_delay_ms=300, arriving=lambda: 5)
+        b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        late = asyncio.create_task(_after(0.05, b.submit(torch.zeros(2, 3, 2, 2))))
+        first = await b.submit(torch.zeros(1, 3, 2, 2))
+        took = loop.time() - t0
+        await late
+        await b.close()
+        return first, took
+
+    first, took = asyncio.run(main())
+    assert 0.25 <= took < 2.0  # waited for the announced arrivals, then gave up at the delay
+    assert model.batches == [(3, None)]  # the late request joined the batch
+
+
+async def _after(seconds, coro):
+    await asyncio.sleep(seconds)
+    return await coro
+
+
+def test_encoded_images_decode_per_batch_and_a_bad_one_fails_alone(tiny_model, rng):
+    """Encoded requests are decoded with their batch; a corrupt one fails its own request only."""
+    from bdserve.serve.batching import Batcher
+    from bdserve.serve.errors import InvalidInput
+
+    from serve_helpers import encode, random_image
+
+    images = [encode(random_image(rng, 32, 32)) for _ in range(5)]
+
+    async def main():
+        b = Batcher(tiny_model, max_batch_size=4, max_queue_delay_ms=50)
+        b.start()
+        results = await asyncio.gather(b.submit(images[:3]), b.submit([b"not an image"]), b.submit(images[3:]),
+                                       b.submit([images[0], images[1], b"garbage", images[2], images[3]]),
+                                       b.submit(images), return_exceptions=True)
+        tensor = await b.submit(tiny_model.decode(images[:1]))
+        await b.close()
+        return results, tensor
+
+    (good, bad, rest, split_bad, split), tensor = asyncio.run(main())
+    expect = tiny_model.predict(tiny_model.decode(images), defense="flip")
+    assert isinstance(bad, InvalidInput) and "not an image" in str(bad)
+    assert isinstance(split_bad, InvalidInput) and str(split_bad).startswith("image 2:")
+    assert np.array_equal(np.concatenate([good.label_ids, rest.label_ids]), expect.label_ids)
+    # Every encoded request, split (5 images, batches of 4) or not, says how its images were fitted; tensors don't.
+    assert np.array_equal(split.label_ids, expect.label_ids)
+    assert good.fit == rest.fit == split.fit == tiny_model.fit.spec and tensor.fit is None
+
+
+def test_a_4096_image_request_runs_as_batches_of_at_most_the_maximum(server, tiny_model):
+    """One gRPC request of 4,096 encoded images: split over batches of <= 32 (the server's
+    maximum), decoded with them, answered whole and in order."""
+    from serve_helpers import encode, pack_bytes
+
+    colours = [np.full((32, 32, 3), v, np.uint8) for v in (0, 60, 120, 180, 240)]
+    blobs = [encode(colours[i % len(colours)]) for i in range(4096)]
+    before = httpx.get(f"{server.http_url}/metrics").text
+    req = pb.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="image", datatype="BYTES", shape=[len(blobs)])
+    req.raw_input_contents.append(pack_bytes(blobs))
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=120)
+    after = httpx.get(f"{server.http_url}/metrics").text
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    probs = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(list(resp.outputs[0].shape))
+    assert probs.shape[0] == 4096
+    expect = tiny_model.predict(tiny_model.decode(blobs[:5]), defense="flip").probs
+    assert np.allclose(probs[:5], expect, atol=1e-5) and np.allclose(probs[4090:4095], expect, atol=1e-5)
+    assert delta("bdserve_batch_size_sum", model="tiny") == 4096
+    assert delta("bdserve_batch_size_count", model="tiny") >= 4096 / 32
+    assert delta("bdserve_batch_size_bucket", model="tiny", le="32.0") == delta("bdserve_batch_size_count", model="tiny")

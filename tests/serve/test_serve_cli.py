@@ -93,12 +93,16 @@ def proc_store(cli_server) -> Path:
 def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server, rng):
     proc, addr, _, rest = cli_server
     assert proc.poll() is None
-    x = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
-    body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": x.reshape(-1).tolist()}]}
+    # Two requests of 2,048 images each: the batcher runs them as 128 batches, so both are
+    # in flight for a while when SIGTERM lands (a lone small request is answered at once).
+    x = rng.integers(0, 256, (2048, 3, 32, 32), dtype=np.uint8)
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(x.shape),
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
     result = {}
 
-    def call():  # waits up to 500 ms in the batcher's queue: in flight when SIGTERM lands
-        result["r"] = httpx.post(f"{addr['http']}/v2/models/tiny/infer", json=body, timeout=30)
+    def call():
+        result["r"] = httpx.post(f"{addr['http']}/v2/models/tiny/infer", content=head + x.tobytes(), timeout=60,
+                                 headers={"Inference-Header-Content-Length": str(len(head))})
 
     def call_grpc():
         import grpc
@@ -107,10 +111,10 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server, rng):
         from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 
         req = pb.ModelInferRequest(model_name="tiny")
-        req.inputs.add(name="input", datatype="UINT8", shape=[1, 3, 32, 32])
+        req.inputs.add(name="input", datatype="UINT8", shape=list(x.shape))
         req.raw_input_contents.append(x.tobytes())
-        with grpc.insecure_channel(addr["grpc"]) as ch:
-            result["g"] = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+        with grpc.insecure_channel(addr["grpc"], options=[("grpc.max_receive_message_length", 1 << 26)]) as ch:
+            result["g"] = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=60)
 
     threads = [threading.Thread(target=call_grpc), threading.Thread(target=call)]
     for t in threads:

@@ -186,3 +186,26 @@ def test_defense_that_cannot_run_on_the_input_is_refused(served_store, tiny_mode
     with pytest.raises(InvalidInput, match="cannot run"):
         tiny_model.predict(torch.zeros(1, 3, 32, 32), defense="shrinkpad:32")
     assert tiny_model.predict(torch.zeros(1, 3, 32, 32), defense="shrinkpad:31").defense == "shrinkpad:31"
+
+
+@pytest.mark.parametrize("mode,fmt,orientation", [("RGB", "PNG", 1), ("RGBA", "PNG", 1), ("L", "PNG", 1),
+                                                  ("P", "PNG", 1), ("RGB", "JPEG", 1), ("RGB", "JPEG", 6)])
+def test_exact_size_fast_path_gives_pillows_pixels(rng, mode, fmt, orientation):
+    """Images already at the input size skip Pillow; the pixels are exactly Pillow's."""
+    from bdserve.serve.fastdecode import decode_exact
+
+    im = Image.fromarray(random_image(rng, 32, 32)).convert(mode)
+    buf = io.BytesIO()
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.save(buf, format=fmt, exif=exif.tobytes())
+    else:
+        im.save(buf, format=fmt)
+    blob = buf.getvalue()
+    fast = decode_exact(blob, (32, 32))
+    assert fast is not None
+    assert torch.equal(fast, torch.from_numpy(decode_image(blob, (32, 32))).permute(2, 0, 1))
+    # Another size, or something that is not an image: the Pillow path decides.
+    assert decode_exact(blob, (16, 16)) is None and decode_exact(b"\x89PNG garbage", (32, 32)) is None
+    assert decode_exact(blob[: len(blob) // 2], (32, 32)) is None
