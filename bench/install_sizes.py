@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "install_sizes.json"
-CUDA_STACK = re.compile(r"^(torch|triton|nvidia-.*)$", re.IGNORECASE)  # PyPI's CUDA torch and what it pulls in
+CUDA_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$", re.IGNORECASE)  # PyPI's CUDA torch and what it pulls in
 
 
 def resolve(extra: str) -> list[tuple[str, str]]:
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
                                "cpu_torch_mb": cpu_torch_mb and round(cpu_torch_mb, 1), "results": results},
                               indent=1) + "\n")
     for r in results:
-        top = ", ".join(f"{x['name']} {x['mb']:.0f}" for x in r["largest"] if not CUDA_STACK.match(x["name"]))
+        top = ", ".join(f"{x['name']} {x['mb']:.0f}" for x in [y for y in r["all"] if not CUDA_STACK.match(y["name"])][:5])
         cpu = f", {r['with_cpu_torch_mb']:.0f} MB with CPU torch" if "with_cpu_torch_mb" in r else ""
         print(f"bdserve[{r['extra']}]: {r['distributions']} distributions, {r['total_mb']:.0f} MB with PyPI's CUDA "
               f"torch, {r['without_cuda_torch_mb']:.0f} MB without it{cpu} (largest others: {top} MB)"
