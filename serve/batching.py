@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from bdserve.serve import tracing
 from bdserve.serve.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class _Item:
     parts: list = field(default_factory=list)  # (start, Prediction) per finished piece
     fits: list = field(default_factory=list)  # (start, [Fitted]) per decoded piece of encoded images
     done: int = 0  # images answered
+    trace_parent: object = None  # the request's span context: the batch span links to it
 
     @property
     def encoded(self) -> bool:
@@ -110,15 +112,16 @@ class Batcher:
                              f"(limit {self.max_queue_images}); retry later")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._pending.append(_Item(x, n, defense, fut, loop.time()))
-        self._queued_images += n
-        self.submitted += 1
-        self._wakeup.set()
-        try:
-            return await fut
-        finally:
-            self._queued_images -= n
-            self.submitted -= 1
+        with tracing.tracer.start_as_current_span("batch wait", attributes={"bdserve.images": n}):
+            self._pending.append(_Item(x, n, defense, fut, loop.time(), trace_parent=tracing.current_context()))
+            self._queued_images += n
+            self.submitted += 1
+            self._wakeup.set()
+            try:
+                return await fut
+            finally:
+                self._queued_images -= n
+                self.submitted -= 1
 
     async def close(self) -> None:
         """Finish everything queued, then stop the worker."""
@@ -189,11 +192,14 @@ class Batcher:
 
     async def _execute(self, loop, pieces: list[_Piece]) -> None:
         defense = pieces[0].item.defense
+        images = sum(p.stop - p.start for p in pieces)
         try:
-            if self._inline(pieces):
-                pred, ok, failed = self._decode_and_predict(pieces, defense)
-            else:
-                pred, ok, failed = await loop.run_in_executor(self._executor, self._decode_and_predict, pieces, defense)
+            with tracing.start_batch([p.item.trace_parent for p in pieces], images):
+                if self._inline(pieces):
+                    pred, ok, failed = self._decode_and_predict(pieces, defense)
+                else:
+                    run = tracing.in_current_context(lambda: self._decode_and_predict(pieces, defense))
+                    pred, ok, failed = await loop.run_in_executor(self._executor, run)
         except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
             self._idle_since = loop.time()
             for p in pieces:
@@ -239,7 +245,8 @@ class Batcher:
                 continue
             if p.item.encoded:
                 try:
-                    x, how = self.model.decode_with_fits(list(p.item.x[p.start:p.stop]))
+                    with tracing.tracer.start_as_current_span("decode", attributes={"bdserve.images": p.stop - p.start}):
+                        x, how = self.model.decode_with_fits(list(p.item.x[p.start:p.stop]))
                     xs.append(x)
                     p.item.fits.append((p.start, how))
                 except Exception as e:  # noqa: BLE001 - the request's own error (bad image, ...)

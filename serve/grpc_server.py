@@ -132,9 +132,10 @@ def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:
 
 
 def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
-                       reuse_port: bool = False) -> grpc.aio.Server:
-    """``reuse_port``: only for ``--workers`` (serve/workers.py), which holds the port for its workers."""
-    server = grpc.aio.server(options=[
+                       reuse_port: bool = False, interceptors=()) -> grpc.aio.Server:
+    """``reuse_port``: only for ``--workers`` (serve/workers.py), which holds the port for its workers;
+    ``interceptors``: tracing's (serve/tracing.py), when it is on."""
+    server = grpc.aio.server(interceptors=list(interceptors) or None, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # grpcio sets SO_REUSEPORT by default: a second server would then share a busy port

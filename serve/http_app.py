@@ -15,6 +15,7 @@ output's ``parameters.binary_data``; the response then carries the same header.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 
@@ -81,8 +82,14 @@ def _internal(model: str) -> JSONResponse:
     return JSONResponse({"error": "internal server error (logged on the server)"}, status_code=500)
 
 
+# The server span of a request is serve/tracing.py's, around the whole app (the hot routes
+# bypass FastAPI); FastAPI's own (from 0.16x, on once a tracer provider is set) would add a second.
+NO_NATIVE_TRACING = {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
+
+
 def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY, lab_keep=None) -> FastAPI:
-    app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None,
+                  **NO_NATIVE_TRACING)
     app.state.service = service
     app.state.max_body = max_body_bytes
 

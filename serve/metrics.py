@@ -55,6 +55,9 @@ class Metrics:
                                     buckets=_BATCH, registry=r)
         self.inflight = Gauge("bdserve_inflight_requests", "Requests being processed", ["model"], registry=r,
                               multiprocess_mode="livesum")
+        self.queued = Gauge("bdserve_queue_images", "Images in the model's batcher: waiting for a batch or in the "
+                            "running one (refused with 503 beyond --max-queue)", ["model"], registry=r,
+                            multiprocess_mode="livesum")
         self._defense_labels: dict[str, set[str]] = {}
         self.model_info = Info("bdserve_model", "Served model", ["model"], registry=self._local)
         self.predictions = Counter("bdserve_predictions", "Top-1 predictions by class", ["model", "label"], registry=r)
@@ -76,6 +79,7 @@ class Metrics:
             "device": model.runtime_device, "defense": model.defense_spec,
         })
         self.inflight.labels(model=model.name)
+        self.queued.labels(model=model.name)
         if model.detect:
             self.suspected.labels(model=model.name)
             self.rejected.labels(model=model.name)

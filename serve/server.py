@@ -27,6 +27,7 @@ from bdserve.serve import access_log, repository
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
+from bdserve.serve.tracing import Tracing
 from bdserve.serve.pipeline import DefendedModel
 from bdserve.serve.service import InferenceService
 
@@ -49,6 +50,7 @@ class ServeConfig:
     http_fd: int | None = None
     grpc_shared: bool = False
     worker: int | None = None
+    otel_endpoint: str | None = None  # --otel-endpoint: OTLP/HTTP collector for traces (serve/tracing.py)
 
 
 def load_models(store: str | Path, names: list[str] | None = None, **load_kw) -> list[DefendedModel]:
@@ -127,6 +129,7 @@ class Server:
         cfg = self.config
         self._stop = asyncio.Event()
         access_log.enable(cfg.access_log)
+        self._tracing = Tracing(cfg.otel_endpoint) if cfg.otel_endpoint else None
         # Both ports are bound before anything starts, so a busy one fails with nothing to undo.
         sock = socket.socket(fileno=cfg.http_fd) if cfg.http_fd is not None else _bind(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
@@ -141,7 +144,8 @@ class Server:
                     sock.close()
                     raise
             self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes,
-                                            reuse_port=cfg.grpc_shared)
+                                            reuse_port=cfg.grpc_shared,
+                                            interceptors=self._tracing.grpc_interceptors() if self._tracing else ())
             self._grpc_standard = StandardServices(self._grpc, self.service.models)
             try:  # grpc.so_reuseport is off (but for workers), so a busy port fails here too
                 self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
@@ -154,6 +158,8 @@ class Server:
         app = create_app(self.service, max_body_bytes=cfg.max_body_bytes, lab_keep=cfg.lab_keep)
         if cfg.worker is not None:
             app = _WorkerHeader(app, cfg.worker)
+        if self._tracing is not None:
+            app = self._tracing.wrap_asgi(app)
         self._uvicorn = _Uvicorn(uvicorn.Config(
             app, log_level=cfg.log_level, access_log=False, lifespan="off",
             timeout_graceful_shutdown=int(cfg.grace_s) or None,
@@ -184,6 +190,8 @@ class Server:
             waits.append(self._grpc.stop(self.config.grace_s))
         await asyncio.gather(*waits, return_exceptions=True)
         await self.service.stop()
+        if self._tracing is not None:
+            self._tracing.shutdown()
 
 
 async def serve_forever(service: InferenceService, config: ServeConfig, announce=print) -> int:

@@ -126,12 +126,15 @@ class InferenceService:
         # Refused here, before queueing (lab mode, bad spec); the cached Transform object is
         # what the batcher groups by, so "Flip", "flip" and no parameter share a batch.
         defense = model.resolve_defense(request.defense)
-        gauge = self.metrics.inflight.labels(model=model.name)
+        gauge, queued = self.metrics.inflight.labels(model=model.name), self.metrics.queued.labels(model=model.name)
+        images = len(x)
         gauge.inc()
+        queued.inc(images)
         try:
             pred = await self.batchers[(model.name, model.version)].submit(x, defense)
         finally:
             gauge.dec()
+            queued.dec(images)
         if self.on_suspect == "reject" and pred.suspected is not None and pred.suspected.any():
             self.metrics.rejected.labels(model=model.name).inc()
             flagged = [int(i) for i in pred.suspected.nonzero()[0]]

@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
         grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
+        otel_endpoint: Optional[str] = typer.Option(None, "--otel-endpoint", metavar="URL", help="Send OpenTelemetry traces (OTLP over HTTP) to this collector, e.g. http://127.0.0.1:4318: a span per request (W3C traceparent honoured), decode, batch wait, batch, defense, inference. Needs the otel extra."),
         access_log: str = typer.Option("on", "--access-log", help="on: one JSON line per request on stdout (method, path, model, status, duration, bytes, request id); off: none."),
         workers: int = typer.Option(1, "--workers", min=1, help="Server processes sharing the ports, each with its own batcher and ONNX Runtime session (threads split between them); for machines with many cores."),
         worker_http_fd: Optional[int] = typer.Option(None, "--worker-http-fd", hidden=True, help="Internal: one of --workers, on the parent's HTTP socket."),
@@ -117,7 +118,8 @@ def register(app: typer.Typer) -> None:
                                    max_queue_images=max_queue, on_suspect=on_suspect)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
                              max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level,
-                             access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep)
+                             access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep,
+                             otel_endpoint=otel_endpoint)
         if worker_http_fd is not None:
             from bdserve.serve.workers import WORKER_ENV
 

@@ -34,6 +34,7 @@ METRICS = {
     "bdserve_inference_duration_seconds": "histogram",
     "bdserve_batch_size": "histogram",
     "bdserve_inflight_requests": "gauge",
+    "bdserve_queue_images": "gauge",
     "bdserve_model_info": "gauge",
     "bdserve_predictions_total": "counter",
     "bdserve_suspected_triggers_total": "counter",
