@@ -38,11 +38,10 @@ import torch
 from PIL import Image
 
 from bdserve.card import ModelCard
+from bdserve.client import AsyncClient
 from bdserve.serve.evaluation import photos as ph
-from bdserve.serve.evaluation.clients import open_client
 from bdserve.serve.evaluation.physical import Camera, crop_error, jpeg, render, simulate
 from bdserve.serve.evaluation.report import pct
-from bdserve.serve.evaluation.retry import RetryPolicy, with_retries
 from bdserve.serve.images import FitPolicy, decode_fitted
 from bdserve.settings import REPO_ROOT, data_dir
 from bdserve.testing import served
@@ -177,9 +176,9 @@ def trigger_visible(image: np.ndarray, card: ModelCard) -> float:
 
 async def classify(url: str, name: str, card: ModelCard, items: list, defense: str, concurrency: int) -> list[dict]:
     """``name``: the served name, the model's directory."""
-    async with open_client(url, name, card.classes, concurrency=concurrency) as client:
-        await with_retries(client.connect, RetryPolicy())
-        return await ph.classify(client, items, route="oip", defense=defense, concurrency=concurrency)
+    async with AsyncClient(url, name, concurrency=concurrency) as client:
+        await client.wait_ready()
+        return await ph.classify(client, items, card.classes, route="oip", defense=defense, concurrency=concurrency)
 
 
 def main() -> None:

@@ -464,6 +464,16 @@ def classification(t: Tensor, k: int, classes: list[str]) -> Tensor:
     return Tensor(t.name, "BYTES", [scores.shape[0], k], [v for row in rows for v in row])
 
 
+def read_classification(values: list[bytes], shape: list[int]) -> list[list[tuple[float, int, str]]]:
+    """The client's side of ``classification``: per image, its top k as (score, index, label)."""
+    k = shape[-1] if len(shape) > 1 else len(values)
+    rows = []
+    for entry in values:
+        score, index, label = (entry.decode() if isinstance(entry, bytes) else str(entry)).split(":", 2)
+        rows.append((float(score), int(index), label))
+    return [rows[i:i + k] for i in range(0, len(rows), max(1, k))]
+
+
 def _with_binary(t: Tensor, binary: bool) -> Tensor:
     return Tensor(t.name, t.datatype, t.shape, t.value, bool(binary))
 
@@ -573,3 +583,11 @@ def read_http_response(body: bytes, header_len: str | None) -> InferResponse:
         outputs.append(Tensor(o["name"], o["datatype"], list(o["shape"]), value, size is not None))
     return InferResponse(head.get("model_name", ""), head.get("model_version", ""), outputs,
                          head.get("parameters") or {}, head.get("id"))
+
+
+def read_grpc_response(msg) -> InferResponse:
+    """A gRPC ModelInferResponse (the server's ``_write_response``: raw_output_contents) -> InferResponse."""
+    outputs = [Tensor(o.name, o.datatype, list(o.shape), read_output(o.datatype, list(o.shape), raw=raw))
+               for o, raw in zip(msg.outputs, msg.raw_output_contents)]
+    return InferResponse(msg.model_name, msg.model_version, outputs,
+                         {k: read_parameter(v) for k, v in msg.parameters.items()}, msg.id or None)

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bdserve.card import ModelCard
+from bdserve.client import AsyncClient, PermanentError, RetryPolicy
 from bdserve.serve.evaluation import plots, report
-from bdserve.serve.evaluation.clients import open_client
 from bdserve.serve.evaluation.detection import roc_figure, served_detection
 from bdserve.serve.evaluation.heldout import build_sets
-from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
 from bdserve.serve.evaluation.runner import run_sets
 
 
@@ -38,12 +37,12 @@ async def evaluate(cfg: EvalConfig) -> dict:
     clean, trig = build_sets(card, cfg.data, cfg.limit, cfg.seed)
     sets = [clean] + ([trig] if trig is not None else [])
     target = card.target_label
-    async with open_client(cfg.endpoint, cfg.model, card.classes, concurrency=cfg.concurrency,
-                           timeout_s=cfg.timeout_s, headers=cfg.headers) as client:
+    async with AsyncClient(cfg.endpoint, cfg.model, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
+                           retries=cfg.retry, headers=cfg.headers) as client:
         if any(d is not None for d in cfg.defenses) and not client.can_choose_defense:
             raise ValueError(f"{client.scheme} endpoints apply their own defense; drop --defenses")
-        await with_retries(client.connect, cfg.retry)  # the server may still be starting
-        if cfg.detect and not client.detect:
+        info = await client.wait_ready()  # retried: the server may still be starting
+        if cfg.detect and not info.detect:
             raise ValueError(f"--detect: model {cfg.model} at {cfg.endpoint} sends no trigger scores; serve it with "
                              "`bdserve serve --detect consistency,strip,scaleup` (after `bdserve calibrate`)")
         if cfg.detect and trig is None:
@@ -51,17 +50,17 @@ async def evaluate(cfg: EvalConfig) -> dict:
         for d in cfg.defenses:  # one uncounted probe each: a non-lab server refuses at once, not per batch
             if d is not None:
                 try:
-                    await with_retries(lambda: client.infer_tensor(clean.images[:1], d), cfg.retry)
+                    await client.infer(clean.images[:1], defense=d, top_k=0)
                 except PermanentError as e:
                     raise ValueError(f"the server refused defense {d!r}: {e}") from None
         rows, detection = [], None
         for d in cfg.defenses:
-            run = await run_sets(client, sets, defense=d, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-                                 policy=cfg.retry, description=f"eval {d or 'server defense'}")
+            run = await run_sets(client, sets, card.classes, defense=d, batch_size=cfg.batch_size,
+                                 concurrency=cfg.concurrency, description=f"eval {d or 'server defense'}")
             rows.append(report.defense_row(run, len(card.classes), target))
             if cfg.detect and detection is None:  # the detectors do not depend on the defense asked
                 detection = served_detection(run, attack_name(card))
-        detect = client.detect
+        detect = info.detect
     return {
         "endpoint": cfg.endpoint, "transport": client.scheme, "model": cfg.model, "card": str(cfg.card),
         "data": str(cfg.data), "limit": cfg.limit, "seed": cfg.seed, "batch_size": cfg.batch_size,

@@ -15,12 +15,26 @@ from typing import Awaitable, Callable, TypeVar
 T = TypeVar("T")
 
 
-class TransientError(Exception):
+class ClientError(Exception):
+    """Every failure bdserve.client raises."""
+
+
+class TransientError(ClientError):
     """Worth another try: the server was unreachable, starting, or overloaded."""
 
 
-class PermanentError(Exception):
+class PermanentError(ClientError):
     """The server refused the request or answered something unusable; retrying will not help."""
+
+
+class RequestRejected(PermanentError):
+    """The server answered with an error (HTTP 4xx/500, a gRPC status other than UNAVAILABLE):
+    ``status`` is the HTTP status or the gRPC code's name, ``message`` the server's own words."""
+
+    def __init__(self, status: int | str, message: str):
+        prefix = f"HTTP {status}" if isinstance(status, int) else f"gRPC {status}"
+        super().__init__(f"{prefix}: {message}")
+        self.status, self.message = status, message
 
 
 class RetriesExhausted(PermanentError):
