@@ -246,32 +246,7 @@ def _read_infer_request(name: str, version: str | None, body: bytes, header_len:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as e:  # also nesting deeper than orjson's 1,024 levels
         raise InvalidInput(f"malformed JSON request: {e}") from None
-    req = schemas.parse_infer_request(doc)
-    params = req.parameters.model_dump(exclude_none=True) if req.parameters else {}
-
-    spec = req.inputs[0]
-    datatype, shape = spec.datatype, oip.check_shape(spec.shape)
-    size = spec.parameters.binary_data_size if spec.parameters else None
-    if size is not None:
-        if size > len(binary):
-            raise InvalidInput(f"malformed binary header: binary_data_size {size} but {len(binary)} binary bytes follow the JSON")
-        value = oip.from_raw(datatype, shape, binary[:size])
-        binary = binary[size:]
-    elif spec.data is not None:
-        value = oip.from_json(datatype, shape, spec.data)
-    else:
-        raise InvalidInput(f"input {shown(spec.name)} has neither 'data' nor parameters.binary_data_size")
-    if len(binary):
-        raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
-
-    outputs = None
-    if req.outputs is not None:
-        outputs = [oip.RequestedOutput.with_parameters(o.name, o.parameters.binary_data if o.parameters else None,
-                                                       o.parameters.model_dump(exclude_none=True) if o.parameters else {})
-                   for o in req.outputs]
-    return oip.InferRequest(model=name, version=version, input=oip.Tensor(spec.name, datatype, shape, value),
-                            parameters=params, outputs=outputs, id=req.id,
-                            binary_output=bool(params.get("binary_data_output", False)))
+    return oip.read_infer_request(name, version, doc, binary)
 
 
 def _write_infer_response(resp: oip.InferResponse) -> Response:

@@ -268,6 +268,42 @@ class InferRequest:
         return spec
 
 
+def read_infer_request(model: str, version: str | None, doc, binary: bytes | memoryview = b"") -> InferRequest:
+    """A decoded JSON request (+ the binary tensor extension's bytes after it) -> InferRequest.
+    The one reader of OIP JSON requests: bdserve's HTTP door and the TorchServe handler's
+    KServe v2 envelope both call it. The body is validated against serve/schemas.py first, so
+    a wrong type anywhere is one InvalidInput naming the field."""
+    from bdserve.serve import schemas  # pydantic: only where JSON bodies are read
+
+    binary = memoryview(binary)
+    req = schemas.parse_infer_request(doc)
+    params = req.parameters.model_dump(exclude_none=True) if req.parameters else {}
+
+    spec = req.inputs[0]
+    datatype, shape = spec.datatype, check_shape(spec.shape)
+    size = spec.parameters.binary_data_size if spec.parameters else None
+    if size is not None:
+        if size > len(binary):
+            raise InvalidInput(f"malformed binary header: binary_data_size {size} but {len(binary)} binary bytes follow the JSON")
+        value = from_raw(datatype, shape, binary[:size])
+        binary = binary[size:]
+    elif spec.data is not None:
+        value = from_json(datatype, shape, spec.data)
+    else:
+        raise InvalidInput(f"input {shown(spec.name)} has neither 'data' nor parameters.binary_data_size")
+    if len(binary):
+        raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
+
+    outputs = None
+    if req.outputs is not None:
+        outputs = [RequestedOutput.with_parameters(o.name, o.parameters.binary_data if o.parameters else None,
+                                                   o.parameters.model_dump(exclude_none=True) if o.parameters else {})
+                   for o in req.outputs]
+    return InferRequest(model=model, version=version, input=Tensor(spec.name, datatype, shape, value),
+                        parameters=params, outputs=outputs, id=req.id,
+                        binary_output=bool(params.get("binary_data_output", False)))
+
+
 @dataclass
 class InferResponse:
     """What every door renders (KServe's InferResponse); ``prediction`` stays for doors with their
@@ -452,6 +488,19 @@ def prediction_headers(pred, index: int) -> dict[str, str]:
         v = getattr(pred, o.attribute)
         if v is not None:
             out[o.header] = _header_text(v[index])
+    return out
+
+
+def parameter_headers(parameters: dict[str, Any]) -> dict[str, str]:
+    """A response's parameters as the headers /predictions answers use (for a door whose body
+    has no room for them: TorchServe's KServe v2 envelope)."""
+    out = {}
+    for p in RESPONSE_PARAMETERS:
+        if parameters.get(p.name) is not None:
+            out[p.header] = _header_text(parameters[p.name])
+    for o in PER_IMAGE_OUTPUTS:
+        if o.summary is not None and parameters.get(o.name) is not None:
+            out[o.header] = _header_text(parameters[o.name])
     return out
 
 
