@@ -166,22 +166,23 @@ def fit_array(arr: np.ndarray, size: tuple[int, int], policy: FitPolicy = COVER)
     return Fitted(cover(arr, size, policy.filter), "cover", frame=frame)
 
 
-def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> tuple[np.ndarray, float]:
-    """One encoded image -> upright uint8 RGB array (h, w, 3) (read-only), and the photo's own
-    size over the decoded one. Raises InvalidInput."""
-    im, scale = open_upright_image(blob, max_pixels, draft)
+def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft: int | None = None) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """One encoded image -> upright uint8 RGB array (h, w, 3) (read-only), the reduction it was
+    decoded at (1, 2, 4 or 8: one decoded pixel covers that many of the photo's each way) and the
+    upright photo's own (width, height). Raises InvalidInput."""
+    im, scale, frame = open_upright_image(blob, max_pixels, draft)
     # A view of the bytes Pillow hands over, not one more copy; the image's own buffer goes at once.
     arr = np.asarray(im)
     im.close()
     if arr.ndim != 3 or arr.shape[2] != 3:  # e.g. a mode Pillow converted oddly
         raise InvalidInput(f"could not convert the image to RGB (got array {arr.shape})")
-    return arr, scale
+    return arr, scale, frame
 
 
 def open_upright_image(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       draft: int | None = None) -> tuple[Image.Image, float]:
-    """One encoded image -> the upright, decoded RGB Pillow image, and the photo's own size over
-    the decoded one. Raises InvalidInput.
+                       draft: int | None = None) -> tuple[Image.Image, int, tuple[int, int]]:
+    """``open_upright`` as the decoded RGB Pillow image (the default cover fit works on it).
 
     ``draft``: a JPEG may be decoded at a reduced scale (libjpeg's DCT scaling) as long as
     both sides stay at least this large."""
@@ -202,7 +203,9 @@ def open_upright_image(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             if im.format == "JPEG" and draft:
                 im.draft("RGB", (draft, draft))
             im.load()
-            scale = width / im.size[0]
+            scale = 2 ** round(np.log2(width / im.size[0]))  # libjpeg rounds a reduced side up
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter: the upright frame is transposed
+                width, height = height, width
             # Camera photos store rotation as an EXIF tag. In place: the default returns a full
             # copy even when there is nothing to rotate (+150 MB for a 7000x7000 image).
             ImageOps.exif_transpose(im, in_place=True)
@@ -217,7 +220,7 @@ def open_upright_image(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError, odd modes as ValueError.
         raise InvalidInput(f"corrupt or truncated image: {e}") from None
-    return im, scale
+    return im, scale, (width, height)
 
 
 def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -227,15 +230,15 @@ def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_
     # Cover needs little more than the model's size; finding a print needs the print's edges sharp.
     draft = m if policy.policy == "cover" else max(PRINT_DECODE_SIDE, 16 * m)
     if policy.policy == "cover" and policy.filter == "bilinear-aa":  # the default: Pillow's own filter
-        im, scale = open_upright_image(blob, max_pixels, draft)
-        fitted = Fitted(cover_image(im, size), "cover", frame=im.size)
+        im, scale, frame = open_upright_image(blob, max_pixels, draft)
+        fitted = Fitted(cover_image(im, size), "cover")
     else:
-        arr, scale = open_upright(blob, max_pixels, draft)
+        arr, scale, frame = open_upright(blob, max_pixels, draft)
         fitted = fit_array(arr, size, policy)
         if not fitted.image.flags.writeable:  # a photo already at the model's size is the decoded view itself
             fitted.image = fitted.image.copy()
-    if scale != 1.0:  # report the outline in the photo's own pixels, not the reduced decode's
-        fitted.frame = (round(fitted.frame[0] * scale), round(fitted.frame[1] * scale))
+    fitted.frame = frame
+    if scale != 1:  # report the outline in the photo's own pixels, not the reduced decode's
         if fitted.outline is not None:
             fitted.outline = [[round((x + 0.5) * scale - 0.5, 2), round((y + 0.5) * scale - 0.5, 2)] for x, y in fitted.outline]
     return fitted

@@ -12,8 +12,8 @@ from PIL import Image
 
 from bdserve.client import Client
 from bdserve.testing import ServeProcess
+from bdserve.testing.print_scenes import picture, scene, textured
 
-from print_scenes import picture, scene, textured
 from serve_helpers import TINY_CLASSES
 
 
