@@ -1,6 +1,7 @@
 # Everything a fresh machine needs: `make demo` and `make test` create .venv on first use.
-# `make demo` installs the package alone (what the demo runs); `make test` and `make install`
-# add the dev extra (pytest, tritonclient, TorchServe, the deploy/ checkers).
+# `make demo` installs the package with its `all` extra (train, serve, evaluate: what the demo
+# runs); `make test` and `make install` add the dev extra (pytest, tritonclient, TorchServe, the
+# deploy/ checkers). The serving images install only the `serve` extra.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(BASE): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[all]'
 	touch $@
 
 $(DEV): pyproject.toml | $(BIN)/python

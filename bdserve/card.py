@@ -4,14 +4,22 @@ A model directory holds ``model.onnx`` (or a TorchScript ``model.pt``) and, usua
 ``card.json``. Cards are plain JSON: loading one never executes or unpickles anything.
 Only ``name`` is required; a foreign classifier's card (``bdserve import``) may hold
 just the input shape, class names and normalisation.
+
+Loading validates the card against its typed schema (pydantic, over the dataclass below)
+and a few rules that types cannot say (three input channels, a defense spec that parses,
+a positive std), so that a bad card fails at load with a message naming the file and
+the field, not on every request later.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 CARD_FILE = "card.json"
 CARD_SCHEMA_VERSION = 1
@@ -37,6 +45,10 @@ class ModelCard:
     detection: dict[str, Any] | None = None  # calibrated trigger detectors (bdserve calibrate; serve/detection.py)
     schema_version: int = CARD_SCHEMA_VERSION
 
+    # pydantic reads this when validating the dataclass: unknown fields are errors, and a
+    # number is never silently taken for a string (``name: 123``).
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=False, coerce_numbers_to_str=False)
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -45,14 +57,50 @@ class ModelCard:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"card.json has unknown fields: {', '.join(sorted(unknown))}")
-        if "name" not in d:
-            raise ValueError("card.json needs a 'name'")
-        return cls(**d)
+    def from_dict(cls, d: Any, source: str = CARD_FILE) -> "ModelCard":
+        """Validate a parsed card; ValueError names ``source`` and every bad field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a card must be a JSON object, got {type(d).__name__}")
+        if isinstance(d.get("version"), int) and not isinstance(d.get("version"), bool):
+            d = {**d, "version": str(d["version"])}  # "version": 2 is a common, harmless spelling
+        try:
+            card = _ADAPTER.validate_python(d)
+        except ValidationError as e:
+            raise ValueError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
+        problems = card.problems()
+        if problems:
+            raise ValueError(f"{source}: " + "; ".join(problems))
+        return card
+
+    def problems(self) -> list[str]:
+        """What types cannot say: each entry names the field."""
+        out = []
+        if not self.name.strip():
+            out.append("field 'name': must not be empty")
+        if len(self.input_shape) != 3 or any(d <= 0 for d in self.input_shape):
+            out.append(f"field 'input_shape': must be [C, H, W] with positive sizes, got {self.input_shape}")
+        elif self.input_shape[0] != 3:
+            out.append(f"field 'input_shape': the server feeds RGB images, so C must be 3, got {self.input_shape} "
+                       "(export the model to take 3 channels)")
+        lo_hi = self.input_range
+        if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or lo_hi[0] >= lo_hi[1]:
+            out.append(f"field 'input_range': must be [low, high] with low < high, got {lo_hi}")
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if not all(math.isfinite(v) for v in values):
+                out.append(f"field {key!r}: values must be finite, got {values}")
+        if not self.normalization_in_graph and any(v <= 0 for v in self.std):
+            out.append(f"field 'std': must be > 0 where the server normalises, got {self.std}")
+        if len(set(self.classes)) != len(self.classes):
+            out.append("field 'classes': class names must be unique")
+        try:
+            from bdserve.specs import parse_spec
+
+            parse_spec(self.defense)
+        except ImportError:
+            pass
+        except ValueError as e:
+            out.append(f"field 'defense': {e}")
+        return out
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CARD_FILE
@@ -65,7 +113,11 @@ class ModelCard:
         path = Path(path)
         if path.is_dir():
             path = path / CARD_FILE
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            d = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+        return cls.from_dict(d, str(path))
 
     @classmethod
     def from_runtime(cls, runtime, card: "ModelCard | None" = None, *, name: str = "model",
@@ -116,3 +168,18 @@ class ModelCard:
     @property
     def target_label(self) -> int | None:
         return None if not self.attack else self.attack.get("target")
+
+
+_ADAPTER = TypeAdapter(ModelCard)
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error as "field 'a.b': what is wrong (got VALUE)"."""
+    where = ".".join(str(p) for p in err["loc"]) or "(card)"
+    got = repr(err.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown field {where!r}"
+    if err["type"] == "missing":
+        return f"field {where!r}: required"
+    return f"field {where!r}: {err['msg']} (got {got})"

@@ -11,6 +11,7 @@ to ``bdserve.transforms.defenses._FACTORIES``.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 
@@ -18,7 +19,7 @@ def noise_std(text: str) -> float:
     """A noise standard deviation on the [0, 1] pixel scale: ``0.02``, or the paper's ``5/255``."""
     try:
         std = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):  # 1e309 overflows the float
         raise ValueError(f"noise std must be a number or a fraction like 5/255, got {text!r}") from None
     if not 0 <= std <= 1:
         raise ValueError(f"noise std {text} is off the [0, 1] pixel scale; for 5 of 255 levels write noise:5/255")
@@ -37,6 +38,12 @@ SPEC_VALUES: dict[str, type | None] = {
 DEFENSE_FORMS = ["none", "flip", "shrinkpad:K", "noise:STD", "brightness:S", "contrast:S", "saturation:S", "hue:S"]
 
 Part = tuple[str, "int | float | None"]
+# Largest value each takes (all are >= 0): hue is a fraction of the colour wheel, p a probability.
+SPEC_MAX: dict[str, float] = {"hue": 0.5, "randomflip": 1.0, "noise": 1.0, "brightness": 10.0, "contrast": 10.0,
+                              "saturation": 10.0, "shrinkpad": 1024, "randomshrinkpad": 1024, "enhanced": 1024,
+                              "randomcrop": 1024}
+MAX_SPEC_CHARS = 120  # specs become metric labels and cache keys
+MAX_STAGES = 6
 
 
 def format_part(name: str, value: int | float | None = None) -> str:
@@ -51,10 +58,16 @@ def format_part(name: str, value: int | float | None = None) -> str:
 def parse_spec(spec: str | None) -> list[Part]:
     """``"Flip + shrinkpad:4"`` -> [("flip", None), ("shrinkpad", 4)]; ``none`` stages are dropped.
     Raises ValueError with a message a person can act on."""
+    if spec is not None and not isinstance(spec, str):
+        raise ValueError(f"a defense spec is a string, not {type(spec).__name__}")
     text = (spec or "none").strip().lower()
+    if len(text) > MAX_SPEC_CHARS:
+        raise ValueError(f"defense spec of {len(text)} characters; at most {MAX_SPEC_CHARS}")
     pieces = [p.strip() for p in text.split("+") if p.strip()]
     if not pieces:
         raise ValueError("empty defense spec")
+    if len(pieces) > MAX_STAGES:
+        raise ValueError(f"defense spec of {len(pieces)} stages; at most {MAX_STAGES}")
     parts: list[Part] = []
     for piece in pieces:
         name, _, arg = piece.partition(":")
@@ -68,7 +81,11 @@ def parse_spec(spec: str | None) -> list[Part]:
         try:
             value = None if kind is None else kind(arg)
         except ValueError as e:
-            raise ValueError(f"bad value in defense {piece!r}: {e}") from None
+            raise ValueError(f"bad value in defense {piece[:40]!r}: {e}") from None
+        if value is not None and not (math.isfinite(value) and 0 <= value <= SPEC_MAX.get(name, math.inf)):
+            raise ValueError(f"bad value in defense {piece[:40]!r}: {name} takes a finite value in "
+                             f"[0, {SPEC_MAX.get(name, 'inf'):g}]" if name in SPEC_MAX else
+                             f"bad value in defense {piece[:40]!r}: {name} takes a finite value >= 0")
         if name != "none":
             parts.append((name, value))
     return parts

@@ -1,8 +1,9 @@
 """Pack a model directory into a TorchServe .mar (``bdserve archive``).
 
-The archive holds the model (model.onnx, or a TorchScript model.pt), card.json,
-a model-config.yaml (TorchServe's batching and worker settings, plus the defense
-the handler serves with) and serve/torchserve_handler.py. The handler imports
+The archive holds the model (model.onnx, or a TorchScript model.pt), card.json (and
+STRIP's overlays when the model is calibrated), a model-config.yaml (TorchServe's batching
+and worker settings, plus the defense and trigger detectors the handler serves with) and
+serve/torchserve_handler.py. The handler imports
 ``bdserve`` from the Python environment TorchServe runs in: install bdserve into
 that environment (``pip install bdserve[torchserve]``). No copy of the pipeline is
 vendored into the archive, so the .mar and ``bdserve serve`` cannot drift apart.
@@ -46,7 +47,8 @@ class ArchiveResult:
 
 
 def _model_config_yaml(*, defense: str | None, batch_size: int, max_batch_delay_ms: int,
-                       workers: int, response_timeout_s: int) -> str:
+                       workers: int, response_timeout_s: int, detect: str | None = None,
+                       on_suspect: str = "flag") -> str:
     # Hand-written YAML (flat scalars only) so that archiving needs no yaml library.
     lines = [
         "# TorchServe model configuration, written by `bdserve archive`.",
@@ -62,6 +64,8 @@ def _model_config_yaml(*, defense: str | None, batch_size: int, max_batch_delay_
         lines.append(f"  defense: {json.dumps(defense)}")  # a JSON string is a valid YAML scalar
     else:
         lines.append("  defense: null  # the card's default")
+    if detect:  # calibrated trigger detectors, as `bdserve serve --detect`
+        lines += [f"  detect: {json.dumps(detect)}", f"  on_suspect: {json.dumps(on_suspect)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -76,11 +80,16 @@ def build_archive(
     max_batch_delay_ms: int = 5,
     workers: int = 1,
     response_timeout_s: int = 120,
+    detect: str | None = None,
+    on_suspect: str = "flag",
     force: bool = True,
     check: bool = True,
     status: Callable[[str], None] | None = None,
 ) -> ArchiveResult:
-    """Write ``<out_dir>/<name>.mar`` (default: inside the model directory, beside model.onnx)."""
+    """Write ``<out_dir>/<name>.mar`` (default: inside the model directory, beside model.onnx).
+
+    ``detect`` names calibrated trigger detectors the handler runs on every image, and
+    ``on_suspect`` what it does with a flagged one, as ``bdserve serve --detect/--on-suspect``."""
     say = status or (lambda _msg: None)
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -109,6 +118,10 @@ def build_archive(
             canonical_spec(defense)  # fail here, not in the TorchServe worker
         except ValueError as e:
             raise ArchiveError(f"--defense: {e}") from None
+    if on_suspect not in ("flag", "reject"):
+        raise ArchiveError(f"on-suspect must be flag or reject, not {on_suspect!r}")
+    if on_suspect == "reject" and not detect:
+        raise ArchiveError("--on-suspect reject needs --detect METHOD")
     if check:
         # Build the very pipeline the handler will build: a model or card it cannot load,
         # or a defense that cannot run on this input size, fails now and not in a worker loop.
@@ -116,7 +129,7 @@ def build_archive(
         from bdserve.serve.pipeline import DefendedModel
 
         try:
-            DefendedModel.load(model_dir, defense=defense, device="cpu")
+            DefendedModel.load(model_dir, defense=defense, device="cpu", detect=detect)
         except Exception as e:  # noqa: BLE001 - any load failure means an unusable archive
             raise ArchiveError(f"{model_dir} does not load as a bdserve model: {e}") from None
     if batch_size < 1 or workers < 1 or max_batch_delay_ms < 0:
@@ -128,13 +141,17 @@ def build_archive(
     if target.exists() and not force:
         raise ArchiveError(f"{target} exists (pass force=True to overwrite)")
 
-    files = [model_file.name] + (["card.json"] if card_file.is_file() else []) + [MODEL_CONFIG_FILE]
+    from bdserve.serve.detection import OVERLAYS_FILE
+
+    extra = [f for f in ("card.json", OVERLAYS_FILE) if (model_dir / f).is_file()]  # the calibration travels along
+    files = [model_file.name] + extra + [MODEL_CONFIG_FILE]
     say(f"packing {', '.join(files)} + handler into {target}")
     with tempfile.TemporaryDirectory(prefix="bdserve-archive-") as tmp:
         cfg = Path(tmp) / MODEL_CONFIG_FILE
         cfg.write_text(_model_config_yaml(defense=defense, batch_size=batch_size,
                                           max_batch_delay_ms=max_batch_delay_ms, workers=workers,
-                                          response_timeout_s=response_timeout_s))
+                                          response_timeout_s=response_timeout_s, detect=detect,
+                                          on_suspect=on_suspect))
         cmd = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", name,
@@ -144,8 +161,8 @@ def build_archive(
             "--config-file", str(cfg),
             "--export-path", str(out),
         ]
-        if card_file.is_file():
-            cmd += ["--extra-files", str(card_file)]
+        if extra:
+            cmd += ["--extra-files", ",".join(str(model_dir / f) for f in extra)]
         if force:
             cmd.append("--force")
         try:

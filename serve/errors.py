@@ -24,6 +24,10 @@ class Overloaded(ServeError):
     grpc_code = "UNAVAILABLE"
 
 
+class ModelUnavailable(Overloaded):
+    """A model of the store that failed to load (HTTP 503, gRPC UNAVAILABLE): not ready, and says why."""
+
+
 class InvalidInput(ServeError, ValueError):
     """A request the server refuses because of what the client sent (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
@@ -58,3 +62,13 @@ class SuspectedTrigger(ServeError):
 
     http_status = 422
     grpc_code = "FAILED_PRECONDITION"
+
+
+def shown(value, limit: int = 64, quoted: bool = True) -> str:
+    """A client's value as an error message may echo it: repr (or the text, unquoted), at most
+    ``limit`` characters, and no markup (``<`` ``>`` ``&`` escaped), so an answer never reflects
+    what a page could render."""
+    text = repr(value) if quoted or not isinstance(value, str) else value
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text.replace("&", "\\x26").replace("<", "\\x3c").replace(">", "\\x3e")

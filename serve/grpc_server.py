@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import json_format
 
 from bdserve.serve import access_log, oip
-from bdserve.serve.errors import InvalidInput, ServeError
+from bdserve.serve.errors import InvalidInput, ModelUnavailable, ServeError
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
@@ -45,6 +45,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             self.service.get(request.name, request.version)
+        except ModelUnavailable:  # failed to load: not ready
+            return pb.ModelReadyResponse(ready=False)
         except ServeError as e:
             await self._abort(context, e)
         return pb.ModelReadyResponse(ready=self.service.ready)
@@ -134,7 +136,7 @@ def _write_response(resp: oip.InferResponse) -> pb.ModelInferResponse:
 def create_grpc_server(service: InferenceService, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
                        reuse_port: bool = False, interceptors=()) -> grpc.aio.Server:
     """``reuse_port``: only for ``--workers`` (serve/workers.py), which holds the port for its workers;
-    ``interceptors``: tracing's (serve/tracing.py), when it is on."""
+    ``interceptors``: the shutdown drain's (serve/grpc_drain.py) and tracing's (serve/tracing.py)."""
     server = grpc.aio.server(interceptors=list(interceptors) or None, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),

@@ -2,9 +2,12 @@
 plus TorchServe-style ``POST /predictions/{model}`` and Prometheus ``/metrics``.
 
 Errors use the protocol's format, ``{"error": "<what was wrong>"}``, with 400
-(bad input), 403 (defense not allowed), 404 (unknown model/version/route) or 413
-(body over the limit). The body limit is enforced before the body is read when
-the client declares Content-Length, and while streaming otherwise.
+(bad input), 403 (defense not allowed), 404 (unknown model/version/route), 405 (with
+``Allow``), 408 (body too slow), 413 (body over the limit) or 503 (overloaded, shutting
+down, or a model that failed to load; with ``Retry-After``). Body limits, deadlines and
+framing are the guard's (serve/guard.py), in front of this app; the access log
+(serve/access_log.py) is outermost, so the guard's answers are logged too. JSON bodies are
+validated against typed schemas (serve/schemas.py), which ``/openapi.json`` describes.
 
 Binary tensor extension: when the ``Inference-Header-Content-Length`` header is
 present, the body is that many bytes of JSON followed by the raw contents of
@@ -24,9 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bdserve.serve import oip
+from bdserve.serve import oip, schemas
 from bdserve.serve.access_log import AccessLog
-from bdserve.serve.errors import InvalidInput, PayloadTooLarge, ServeError
+from bdserve.serve.errors import InvalidInput, ModelUnavailable, Overloaded, ServeError, shown
+from bdserve.serve.guard import HttpGuard
 from bdserve.serve.metrics import CONTENT_TYPE_LATEST
 from bdserve.serve.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, InferenceService
 from bdserve.serve.uploads import upload_image
@@ -38,43 +42,34 @@ PREDICTIONS_PROTOCOL = "predictions"  # TorchServe-style uploads
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a declared Content-Length over the limit, without reading
-    the body; for chunked bodies, the limit is enforced while the app reads."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                too_big = False
-            if too_big:
-                resp = JSONResponse({"error": f"request body of {int(declared)} bytes is over this server's limit "
-                                              f"of {self.max_bytes} bytes (--max-body-mb)"}, status_code=413,
-                                    headers={"Connection": "close"})
-                return await resp(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"request body is over this server's limit of {self.max_bytes} bytes (--max-body-mb)")
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-
 def _error(e: ServeError) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=e.http_status)
+    return JSONResponse({"error": str(e)}, status_code=e.http_status,
+                        headers={"Retry-After": "1"} if isinstance(e, Overloaded) else None)
+
+
+def _body_doc(component: str, description: str) -> dict:
+    """An OpenAPI request body for a route that reads its body itself (the binary extension)."""
+    return {"requestBody": {"required": True, "description": description, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{component}"}}}}}
+
+
+def _with_request_schemas(app: FastAPI) -> None:
+    """Add the request schemas the routes name (they parse their bodies themselves) to the document."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = build()
+            body = schemas.InferRequestBody.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components["InferRequestBody"] = body
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+_ERRORS = {code: {"model": schemas.ErrorBody} for code in (400, 403, 404, 408, 413, 503)}
 
 
 def _internal(model: str) -> JSONResponse:
@@ -87,8 +82,11 @@ def _internal(model: str) -> JSONResponse:
 NO_NATIVE_TRACING = {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
 
 
-def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY, lab_keep=None) -> FastAPI:
-    app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None,
+def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY, body_timeout_s: float = 30.0,
+               max_uploads: int = 256, lab_keep=None) -> AccessLog:
+    """The FastAPI app behind the hot routes, the guard and the access log (``.app`` is the guard)."""
+    # The OpenAPI document (no docs pages) is what standard fuzzers and client generators read.
+    app = FastAPI(title="bdserve", version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   **NO_NATIVE_TRACING)
     app.state.service = service
     app.state.max_body = max_body_bytes
@@ -98,8 +96,8 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         return _error(e)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+    async def _http(request: Request, e: StarletteHTTPException):  # 404 route, 405 (keeps its Allow header)
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     # ------------------------------------------------------------ health/meta
     @app.get("/v2/health/live")
@@ -114,19 +112,25 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     async def server_metadata():
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
+    @app.get("/v2/models/{name}", responses=_ERRORS)
+    @app.get("/v2/models/{name}/versions/{version}", responses=_ERRORS)
     async def model_metadata(name: str, version: str | None = None):
-        return service.metadata(service.get(name, version))
+        try:
+            return service.metadata(service.get(name, version))
+        except ModelUnavailable as e:  # loaded with an error: not ready, and says why
+            return JSONResponse({"name": name, "ready": False, "error": str(e)}, status_code=503)
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
+    @app.get("/v2/models/{name}/ready", responses=_ERRORS)
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=_ERRORS)
     async def model_ready(name: str, version: str | None = None):
-        service.get(name, version)
+        try:
+            service.get(name, version)
+        except ModelUnavailable as e:
+            return JSONResponse({"name": name, "ready": False, "error": str(e)}, status_code=503)
         return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
 
-    @app.get("/v2/models/{name}/config")
-    @app.get("/v2/models/{name}/versions/{version}/config")
+    @app.get("/v2/models/{name}/config", responses=_ERRORS)
+    @app.get("/v2/models/{name}/versions/{version}/config", responses=_ERRORS)
     async def model_config(name: str, version: str | None = None):
         return service.config(service.get(name, version))
 
@@ -139,15 +143,26 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ infer
-    # Declared here for the route table; requests reach them through HotRoutes below.
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
+    infer_doc = {"openapi_extra": _body_doc("InferRequestBody", "OIP inference request (JSON; or JSON followed by "
+                                            "binary tensor data, see Inference-Header-Content-Length)"),
+                 "responses": {200: {"model": schemas.InferResponseBody}, **_ERRORS}}
+
+    # Declared here for the route table (and /openapi.json); requests reach them through HotRoutes below.
+    @app.post("/v2/models/{name}/infer", **infer_doc)
+    @app.post("/v2/models/{name}/versions/{version}/infer", **infer_doc)
     async def infer(name: str, request: Request, version: str | None = None):
         return await _observed(service, name, _infer(service, name, version, request))
 
     # TorchServe's inference API: POST or PUT (``curl -T photo.jpg``), optionally with a version.
-    @app.api_route("/predictions/{name}", methods=["POST", "PUT"])
-    @app.api_route("/predictions/{name}/{version}", methods=["POST", "PUT"])
+    upload_doc = {"responses": _ERRORS, "openapi_extra": {"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "data": {"type": "string", "format": "binary"}}, "required": ["data"]}}}}}}
+
+    @app.post("/predictions/{name}", **upload_doc)  # one route per method: one OpenAPI operation id each
+    @app.post("/predictions/{name}/{version}", **upload_doc)
+    @app.put("/predictions/{name}", **upload_doc)
+    @app.put("/predictions/{name}/{version}", **upload_doc)
     async def predictions(name: str, request: Request, version: str | None = None):
         return await _observed(service, name, _predictions(service, name, version, request), PREDICTIONS_PROTOCOL)
 
@@ -159,7 +174,9 @@ def create_app(service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_B
     from bdserve.serve.lab import mount_lab  # late: lab.py builds on this module
 
     mount_lab(app, service, lab_keep)  # the photo lab, on a --lab server only
-    return AccessLog(BodyLimit(HotRoutes(app, service), max_body_bytes))
+    _with_request_schemas(app)
+    return AccessLog(HttpGuard(HotRoutes(app, service), max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
+                               max_uploads=max_uploads))
 
 
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -172,7 +189,7 @@ class HotRoutes:
     ``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST|PUT /predictions/{m}[/{v}]`` go
     straight to their handlers (the same functions FastAPI's routes call) with a bare
     Starlette Request: no middleware stack, route scan or dependency solving per request.
-    Everything else goes to FastAPI. The access log and body limit wrap both."""
+    Everything else goes to FastAPI. The access log and the guard wrap both."""
 
     def __init__(self, app, service: InferenceService):
         self.app, self.service = app, service
@@ -215,72 +232,21 @@ async def _infer(service: InferenceService, name: str, version: str | None, requ
 
 
 def _read_infer_request(name: str, version: str | None, body: bytes, header_len: str | None) -> oip.InferRequest:
-    """JSON (+ binary tensor extension) -> InferRequest."""
+    """JSON (+ binary tensor extension) -> InferRequest, the JSON validated by its schema."""
     if header_len is not None:
-        try:
-            n = int(header_len)
-        except ValueError:
-            raise InvalidInput(f"malformed binary header: {oip.HEADER_LEN} must be an integer, got {header_len!r}") from None
+        if not header_len.isdigit() or len(header_len) > 18:
+            raise InvalidInput(f"malformed binary header: {oip.HEADER_LEN} must be an integer, got {shown(header_len)}")
+        n = int(header_len)
         if not 0 < n <= len(body):
             raise InvalidInput(f"malformed binary header: {oip.HEADER_LEN} is {n}, the body has {len(body)} bytes")
         header, binary = body[:n], memoryview(body)[n:]
     else:
         header, binary = body, memoryview(b"")
     try:
-        req = orjson.loads(header)
-    except orjson.JSONDecodeError as e:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as e:  # also nesting deeper than orjson's 1,024 levels
         raise InvalidInput(f"malformed JSON request: {e}") from None
-    if not isinstance(req, dict):
-        raise InvalidInput("the request must be a JSON object with an 'inputs' list")
-    inputs = req.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1:
-        raise InvalidInput("the request must have an 'inputs' list with exactly one input tensor "
-                           f"(got {len(inputs) if isinstance(inputs, list) else type(inputs).__name__})")
-    params = _params(req, "the request")
-
-    spec = inputs[0]
-    if not isinstance(spec, dict):
-        raise InvalidInput("each input must be a JSON object with name, datatype, shape and data")
-    iname, datatype = spec.get("name"), oip.check_datatype(spec.get("datatype"))
-    shape = oip.check_shape(spec.get("shape"))
-    iparams = _params(spec, f"input {iname!r}")
-    if "binary_data_size" in iparams:
-        size = iparams["binary_data_size"]
-        if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise InvalidInput(f"malformed binary header: binary_data_size {size!r} but {len(binary)} binary bytes follow the JSON")
-        value = oip.from_raw(datatype, shape, binary[:size])
-        binary = binary[size:]
-    elif "data" in spec:
-        value = oip.from_json(datatype, shape, spec["data"])
-    else:
-        raise InvalidInput(f"input {iname!r} has neither 'data' nor parameters.binary_data_size")
-    if len(binary):
-        raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
-
-    wanted = req.get("outputs")
-    outputs = None
-    if wanted is not None:
-        if not isinstance(wanted, list):
-            raise InvalidInput("'outputs' must be a list")
-        outputs = []
-        for w in wanted:
-            oname = w.get("name") if isinstance(w, dict) else None
-            oparams = _params(w, f"output {oname!r}") if isinstance(w, dict) else {}
-            binary_out = oparams.get("binary_data")
-            outputs.append(oip.RequestedOutput.with_parameters(oname, None if binary_out is None else bool(binary_out),
-                                                               oparams))
-    return oip.InferRequest(model=name, version=version, input=oip.Tensor(iname, datatype, shape, value),
-                            parameters=params, outputs=outputs, id=req["id"] if isinstance(req.get("id"), str) else None,
-                            binary_output=bool(params.get("binary_data_output", False)))
-
-
-def _params(obj: dict, where: str) -> dict:
-    params = obj.get("parameters")
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise InvalidInput(f"'parameters' of {where} must be a JSON object")
-    return params
+    return oip.read_infer_request(name, version, doc, binary)
 
 
 def _write_infer_response(resp: oip.InferResponse) -> Response:

@@ -123,17 +123,34 @@ def resize(arr: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
     raise ValueError(f"unknown resize filter {method!r}")
 
 
-def cover(arr: np.ndarray, size: tuple[int, int], method: str = "bilinear-aa") -> np.ndarray:
-    """Cover-fit: crop the centre to the target's aspect ratio (like ImageOps.fit), then resize."""
+def cover_box(ih: int, iw: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centre of an (ih, iw) photo with the target's aspect ratio (like ImageOps.fit), as
+    Pillow's box (left, top, right, bottom)."""
     h, w = size
-    ih, iw = arr.shape[:2]
     if iw * h > ih * w:
         cw = max(1, round(ih * w / h))
-        arr = arr[:, (iw - cw) // 2:(iw - cw) // 2 + cw]
-    else:
-        ch = max(1, round(iw * h / w))
-        arr = arr[(ih - ch) // 2:(ih - ch) // 2 + ch]
-    return resize(np.ascontiguousarray(arr), size, method)
+        return (iw - cw) // 2, 0, (iw - cw) // 2 + cw, ih
+    ch = max(1, round(iw * h / w))
+    return 0, (ih - ch) // 2, iw, (ih - ch) // 2 + ch
+
+
+def cover(arr: np.ndarray, size: tuple[int, int], method: str = "bilinear-aa") -> np.ndarray:
+    """Cover-fit: crop the centre to the target's aspect ratio, then resize."""
+    left, top, right, bottom = cover_box(*arr.shape[:2], size)
+    return resize(np.ascontiguousarray(arr[top:bottom, left:right]), size, method)
+
+
+def cover_image(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """``cover(np.asarray(im), size, "bilinear-aa")`` done on the decoded image itself, so a large
+    photo is never also held as an array (Pillow keeps 4 bytes a pixel, the array 3: 196 + 147 MB
+    at 7000x7000, plus the conversion's own copy)."""
+    h, w = size
+    box = cover_box(im.height, im.width, size)
+    if box != (0, 0, im.width, im.height):
+        im = im.crop(box)
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    return np.array(im, dtype=np.uint8)
 
 
 def fit_array(arr: np.ndarray, size: tuple[int, int], policy: FitPolicy = COVER) -> Fitted:
@@ -149,9 +166,24 @@ def fit_array(arr: np.ndarray, size: tuple[int, int], policy: FitPolicy = COVER)
     return Fitted(cover(arr, size, policy.filter), "cover", frame=frame)
 
 
-def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> tuple[np.ndarray, float]:
-    """One encoded image -> upright uint8 RGB array (h, w, 3), and the photo's own size over the
-    decoded one. Raises InvalidInput.
+def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft: int | None = None) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """One encoded image -> upright uint8 RGB array (h, w, 3) (read-only), the reduction it was
+    decoded at (1, 2, 4 or 8: one decoded pixel covers that many of the photo's each way) and the
+    upright photo's own (width, height). Raises InvalidInput."""
+    im, scale, frame = open_upright_image(blob, max_pixels, draft)
+    # A view of the bytes Pillow hands over, not one more copy; the image's own buffer goes at once.
+    arr = np.asarray(im)
+    im.close()
+    if arr.ndim != 3 or arr.shape[2] != 3:  # e.g. a mode Pillow converted oddly
+        raise InvalidInput(f"could not convert the image to RGB (got array {arr.shape})")
+    return arr, scale, frame
+
+
+def open_upright_image(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       draft: int | None = None) -> tuple[Image.Image, int, tuple[int, int]]:
+    """One encoded image -> the upright, decoded RGB Pillow image, the reduction it was decoded at
+    and the upright photo's own (width, height). Raises InvalidInput.
 
     ``draft``: a JPEG may be decoded at a reduced scale (libjpeg's DCT scaling) as long as
     both sides stay at least this large."""
@@ -168,14 +200,18 @@ def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int |
                     f"image of {width}x{height} = {width * height} pixels is over this server's limit of "
                     f"{max_pixels} pixels (decompression-bomb guard; see --max-pixels)"
                 )
+            check_plausible(im.format, width, height, len(blob))
             if im.format == "JPEG" and draft:
                 im.draft("RGB", (draft, draft))
             im.load()
-            scale = width / im.size[0]
-            im = ImageOps.exif_transpose(im)  # camera photos store rotation as an EXIF tag
+            scale = 2 ** round(np.log2(width / im.size[0]))  # libjpeg rounds a reduced side up
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter: the upright frame is transposed
+                width, height = height, width
+            # Camera photos store rotation as an EXIF tag. In place: the default returns a full
+            # copy even when there is nothing to rotate (+150 MB for a 7000x7000 image).
+            ImageOps.exif_transpose(im, in_place=True)
             if im.mode != "RGB":
                 im = im.convert("RGB")
-            arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
     except InvalidInput:
         raise
     except UnidentifiedImageError:
@@ -185,9 +221,7 @@ def open_upright(blob: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int |
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError, odd modes as ValueError.
         raise InvalidInput(f"corrupt or truncated image: {e}") from None
-    if arr.ndim != 3 or arr.shape[2] != 3:  # e.g. a mode Pillow converted oddly
-        raise InvalidInput(f"could not convert the image to RGB (got array {arr.shape})")
-    return arr, scale
+    return im, scale, (width, height)
 
 
 def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -196,10 +230,16 @@ def decode_fitted(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_
     m = max(size)
     # Cover needs little more than the model's size; finding a print needs the print's edges sharp.
     draft = m if policy.policy == "cover" else max(PRINT_DECODE_SIDE, 16 * m)
-    arr, scale = open_upright(blob, max_pixels, draft)
-    fitted = fit_array(arr, size, policy)
-    if scale != 1.0:  # report the outline in the photo's own pixels, not the reduced decode's
-        fitted.frame = (round(arr.shape[1] * scale), round(arr.shape[0] * scale))
+    if policy.policy == "cover" and policy.filter == "bilinear-aa":  # the default: Pillow's own filter
+        im, scale, frame = open_upright_image(blob, max_pixels, draft)
+        fitted = Fitted(cover_image(im, size), "cover", frame=frame)
+    else:
+        arr, scale, frame = open_upright(blob, max_pixels, draft)
+        fitted = fit_array(arr, size, policy)
+        if not fitted.image.flags.writeable:  # a photo already at the model's size is the decoded view itself
+            fitted.image = fitted.image.copy()
+    fitted.frame = frame
+    if scale != 1:  # report the outline in the photo's own pixels, not the reduced decode's
         if fitted.outline is not None:
             fitted.outline = [[round((x + 0.5) * scale - 0.5, 2), round((y + 0.5) * scale - 0.5, 2)] for x, y in fitted.outline]
     return fitted
@@ -209,6 +249,19 @@ def decode_image(blob: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_M
                  policy: FitPolicy = COVER) -> np.ndarray:
     """One encoded image -> uint8 array (H, W, 3) of the given (H, W). Raises InvalidInput."""
     return decode_fitted(blob, size, max_pixels, policy).image
+
+
+# A baseline or progressive Huffman JPEG spends at least a bit or two per 8x8 block even on a
+# flat image (about one byte per 200 pixels); one byte per 1024 pixels is far below any real
+# photo. A file under that is truncated or forged (a 631-byte file declaring 7000x7000),
+# and libjpeg would "decode" it to flat grey rather than fail.
+MIN_JPEG_BYTES_PER_PIXEL = 1 / 1024
+
+
+def check_plausible(fmt: str | None, width: int, height: int, nbytes: int) -> None:
+    if fmt == "JPEG" and nbytes < width * height * MIN_JPEG_BYTES_PER_PIXEL:
+        raise InvalidInput(f"implausible JPEG: {nbytes} bytes cannot hold {width}x{height} pixels "
+                           "(a truncated or forged file)")
 
 
 def decode_images(blobs: list[bytes], size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -293,8 +346,8 @@ def decode_image_tensor(blob: bytes, size: tuple[int, int], max_pixels: int,
             warnings.simplefilter("ignore")  # Pillow's bomb warning; torchvision's deprecation notice
             im = Image.open(io.BytesIO(blob), formats=FORMATS)  # the header only: size, format, EXIF
             width, height = im.size
-            if im.format != "JPEG" or width * height > max_pixels:
-                return None
+            if im.format != "JPEG" or width * height > max_pixels or len(blob) < width * height * MIN_JPEG_BYTES_PER_PIXEL:
+                return None  # the Pillow path words the refusal
             orientation = im.getexif().get(0x0112, 1)
             from torchvision.io import ImageReadMode, decode_jpeg
 

@@ -14,8 +14,9 @@ route here):
                                        (``triggered``, ``clean`` or empty), kept with --lab-keep
 
 The analysis answers in one JSON document: the fitted input as a PNG data URL, the fit applied
-and, per defense, the top-3 classes with probabilities and the detection fields the pipeline
-produced. It is the pipeline's own path: one decode and fit (``DefendedModel.decode``), then one
+(under ``--fit print`` the print's outline in the photo, which the page draws over it) and, per
+defense, the top-3 classes with probabilities and the detection fields the pipeline produced.
+It is the pipeline's own path: one decode and fit (``DefendedModel.decode_with_fits``), then one
 ``InferenceService.infer`` per defense with those very pixels as the UINT8 input (the batcher,
 then ``DefendedModel.predict``), so each answer equals ``/predictions?defense=SPEC``.
 """
@@ -37,13 +38,13 @@ from PIL import Image
 from bdserve.serve import oip
 from bdserve.serve.errors import InvalidInput, NotFound
 from bdserve.serve.http_app import _observed
+from bdserve.serve.images import Fitted
 from bdserve.serve.lab_keep import KINDS, LabKeeper
 from bdserve.serve.pipeline import DefendedModel, Prediction
 from bdserve.serve.service import InferenceService
 
 TOP_K = 3
 DEFAULT_SHRINK = 4  # the paper's ShrinkPad-4, when neither the served defense nor the card names a size
-DEFAULT_FIT = "cover"  # serve/images.py's whole-frame fit; a model saying otherwise reports its own
 STATIC = {"lab.css": "text/css; charset=utf-8", "lab.js": "text/javascript; charset=utf-8"}
 # The page loads nothing from elsewhere and runs no inline script.
 PAGE_HEADERS = {
@@ -94,7 +95,7 @@ def model_info(model: DefendedModel) -> dict:
         "served_defense": model.defense_spec,
         "defenses": compared_defenses(model),
         "detect": model.detect,
-        "fit": fit_info(model)["name"],
+        "fit": model.fit.policy,
         "target": None if target is None else model.classes[target],
     }
 
@@ -120,13 +121,13 @@ def defense_result(model: DefendedModel, pred: Prediction) -> dict:
     return row
 
 
-def fit_info(model: DefendedModel) -> dict:
-    """The fit applied (its policy name and full spec), with the print outline (photo pixel
-    coordinates) when a fit finds one. A model may carry its fit as a policy object (``.policy``,
-    ``.spec``) or as a name; one without any fits by cover."""
-    fit = getattr(model, "fit", None)
-    name = str(getattr(fit, "policy", fit) or DEFAULT_FIT)
-    return {"name": name, "spec": str(getattr(fit, "spec", name)), "fallback": None, "outline": None}
+def fit_info(model: DefendedModel, fitted: Fitted) -> dict:
+    """What the fit did to one photo: the policy applied, its spec as responses word it, whether it
+    fell back to cover (no print found), the print's outline (corners x, y: top-left, top-right,
+    bottom-right, bottom-left; None under cover) and the frame (width, height) of the upright photo
+    whose pixels the outline is in."""
+    return {"name": fitted.fit, "spec": model.describe_fits([fitted]), "fallback": fitted.fallback,
+            "outline": fitted.outline, "frame": None if fitted.frame is None else list(fitted.frame)}
 
 
 def _check_choice(value: str, allowed: list[str], what: str) -> str:
@@ -167,7 +168,7 @@ async def _analyze(service: InferenceService, keep: LabKeeper | None, name: str,
     label = _check_choice(request.query_params.get("label", ""), model.classes, "label")
     kind = _check_choice(request.query_params.get("kind", ""), list(KINDS), "kind")
     blob = await request.body()
-    x = await asyncio.to_thread(model.decode, [blob])  # decoded and fitted once, off the event loop
+    x, how = await asyncio.to_thread(model.decode_with_fits, [blob])  # decoded and fitted once, off the event loop
     pixels = oip.Tensor(oip.TENSOR_INPUT, "UINT8", list(x.shape), x.cpu().numpy())
     answers = await asyncio.gather(*(
         service.infer(oip.InferRequest(model=model.name, input=pixels, parameters={oip.DEFENSE: d}))
@@ -177,7 +178,7 @@ async def _analyze(service: InferenceService, keep: LabKeeper | None, name: str,
         "model": model.name,
         "version": model.version,
         "served_defense": model.defense_spec,
-        "fit": fit_info(model),
+        "fit": fit_info(model, how[0]),
         "fitted_size": list(model.input_size),
         "fitted_png": png_data_url(x[0]),
         "results": [defense_result(model, p) for p in preds],

@@ -22,6 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 UNKNOWN_MODEL = "_unknown"
 OTHER_DEFENSE = "_other"
 _MAX_DEFENSE_LABELS = 16  # lab-mode clients choose defenses: keep the label set bounded
+_MAX_LABEL_CHARS = 64  # and each label short
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -109,7 +110,7 @@ class Metrics:
         seen = self._defense_labels.setdefault(model.name, {model.defense_spec})
         if spec in seen:
             return spec
-        if len(seen) < _MAX_DEFENSE_LABELS:
+        if len(seen) < _MAX_DEFENSE_LABELS and len(spec) <= _MAX_LABEL_CHARS:
             seen.add(spec)
             return spec
         return OTHER_DEFENSE

@@ -33,7 +33,7 @@ import numpy as np
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from bdserve.serve.errors import InvalidInput
+from bdserve.serve.errors import InvalidInput, shown
 
 # ---------------------------------------------------------------- protocol names (the one place)
 TENSOR_INPUT = "input"  # UINT8 (0..255) or FP32 ([0, 1]) [B, C, H, W]
@@ -50,21 +50,26 @@ NUMPY_DTYPES = {
 }
 KNOWN_DATATYPES = set(NUMPY_DTYPES) | {"BYTES", "BF16"}
 MAX_RANK = 8
+MAX_DIM = 2 ** 31 - 1
+MAX_ELEMENTS = 2 ** 32  # far past any body the server accepts; a bound so no count can overflow
 
 
 def check_shape(shape) -> list[int]:
     if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInput(f"shape must be a list of integers, got {shape!r}")
+        raise InvalidInput(f"shape must be a list of integers, got {shown(shape)}")
     if len(shape) == 0 or len(shape) > MAX_RANK:
-        raise InvalidInput(f"shape must have rank 1..{MAX_RANK}, got {list(shape)}")
+        raise InvalidInput(f"shape must have rank 1..{MAX_RANK}, got {shown(list(shape))}")
     if any(d < 0 for d in shape):
-        raise InvalidInput(f"shape must not have negative dimensions, got {list(shape)}")
+        raise InvalidInput(f"shape must not have negative dimensions, got {shown(list(shape))}")
+    if any(d > MAX_DIM for d in shape) or _count(list(shape)) > MAX_ELEMENTS:
+        raise InvalidInput(f"shape {shown(list(shape))} is too large: at most {MAX_DIM} per dimension and "
+                           f"{MAX_ELEMENTS} elements")
     return [int(d) for d in shape]
 
 
 def check_datatype(datatype) -> str:
-    if datatype not in KNOWN_DATATYPES:
-        raise InvalidInput(f"unknown datatype {datatype!r}; the protocol's are {', '.join(sorted(KNOWN_DATATYPES))}")
+    if not isinstance(datatype, str) or datatype not in KNOWN_DATATYPES:
+        raise InvalidInput(f"unknown datatype {shown(datatype)}; the protocol's are {', '.join(sorted(KNOWN_DATATYPES))}")
     return datatype
 
 
@@ -131,11 +136,17 @@ def from_json(datatype: str, shape: list[int], data) -> np.ndarray | list[bytes]
     if datatype not in NUMPY_DTYPES:
         raise InvalidInput(f"datatype {datatype} is not supported here")
     try:
-        arr = np.asarray(data, dtype=np.float64 if datatype.startswith("FP") else None)
-    except (ValueError, TypeError):
+        # No dtype given: strings, booleans in a number tensor and integers past 64 bits then
+        # show up as the array's kind instead of being converted (or overflowing).
+        arr = np.asarray(data)
+    except (ValueError, TypeError, RecursionError):
         raise InvalidInput("input 'data' is not a rectangular list of numbers") from None
-    if arr.dtype == object or (arr.size and arr.dtype.kind not in "biuf"):
-        raise InvalidInput("input 'data' must hold numbers only")
+    allowed = "b" if datatype == "BOOL" else "iuf"
+    if arr.size and arr.dtype.kind not in allowed:
+        raise InvalidInput(f"input 'data' must hold {'booleans' if datatype == 'BOOL' else 'numbers'} only "
+                           f"(JSON numbers within 64 bits for {datatype}, not strings or booleans)")
+    if datatype.startswith("FP"):
+        arr = arr.astype(np.float64)
     if arr.size != n:
         raise InvalidInput(f"shape {shape} needs {n} elements, 'data' holds {arr.size}")
     target = NUMPY_DTYPES[datatype]
@@ -232,7 +243,8 @@ class RequestedOutput:
     def with_parameters(cls, name, binary, parameters: dict) -> "RequestedOutput":
         k = parameters.get(CLASSIFICATION, 0)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InvalidInput(f"output {name!r}: parameters.{CLASSIFICATION} must be a non-negative integer, got {k!r}")
+            raise InvalidInput(f"output {shown(name)}: parameters.{CLASSIFICATION} must be a non-negative integer, "
+                               f"got {shown(k)}")
         return cls(name, binary, k)
 
 
@@ -254,6 +266,42 @@ class InferRequest:
         if spec is not None and not isinstance(spec, str):
             raise InvalidInput(f"parameter {DEFENSE!r} must be a string, e.g. \"flip\"")
         return spec
+
+
+def read_infer_request(model: str, version: str | None, doc, binary: bytes | memoryview = b"") -> InferRequest:
+    """A decoded JSON request (+ the binary tensor extension's bytes after it) -> InferRequest.
+    The one reader of OIP JSON requests: bdserve's HTTP door and the TorchServe handler's
+    KServe v2 envelope both call it. The body is validated against serve/schemas.py first, so
+    a wrong type anywhere is one InvalidInput naming the field."""
+    from bdserve.serve import schemas  # pydantic: only where JSON bodies are read
+
+    binary = memoryview(binary)
+    req = schemas.parse_infer_request(doc)
+    params = req.parameters.model_dump(exclude_none=True) if req.parameters else {}
+
+    spec = req.inputs[0]
+    datatype, shape = spec.datatype, check_shape(spec.shape)
+    size = spec.parameters.binary_data_size if spec.parameters else None
+    if size is not None:
+        if size > len(binary):
+            raise InvalidInput(f"malformed binary header: binary_data_size {size} but {len(binary)} binary bytes follow the JSON")
+        value = from_raw(datatype, shape, binary[:size])
+        binary = binary[size:]
+    elif spec.data is not None:
+        value = from_json(datatype, shape, spec.data)
+    else:
+        raise InvalidInput(f"input {shown(spec.name)} has neither 'data' nor parameters.binary_data_size")
+    if len(binary):
+        raise InvalidInput(f"malformed binary request: {len(binary)} bytes after the last binary input")
+
+    outputs = None
+    if req.outputs is not None:
+        outputs = [RequestedOutput.with_parameters(o.name, o.parameters.binary_data if o.parameters else None,
+                                                   o.parameters.model_dump(exclude_none=True) if o.parameters else {})
+                   for o in req.outputs]
+    return InferRequest(model=model, version=version, input=Tensor(spec.name, datatype, shape, value),
+                        parameters=params, outputs=outputs, id=req.id,
+                        binary_output=bool(params.get("binary_data_output", False)))
 
 
 @dataclass
@@ -375,7 +423,7 @@ def check_outputs(request: InferRequest, model) -> None:
     known = {o["name"]: o["datatype"] for o in model_outputs(model)}
     for o in request.outputs:
         if o.name not in known:
-            raise InvalidInput(f"unknown output {o.name!r}; this model produces {', '.join(known)}")
+            raise InvalidInput(f"unknown output {shown(o.name)}; this model produces {', '.join(known)}")
         if o.class_count and known[o.name] != "FP32":
             raise InvalidInput(f"output {o.name!r} is {known[o.name]}: {CLASSIFICATION} applies to the FP32 "
                                f"output {OUTPUT_PROBS!r}")
@@ -390,7 +438,7 @@ def infer_response(request: InferRequest, model, pred) -> InferResponse:
         outputs = []
         for o in request.outputs:
             if o.name not in produced:
-                raise InvalidInput(f"unknown output {o.name!r}; this model produces {', '.join(produced)}")
+                raise InvalidInput(f"unknown output {shown(o.name)}; this model produces {', '.join(produced)}")
             t = produced[o.name] if not o.class_count else classification(produced[o.name], o.class_count, model.classes)
             outputs.append(_with_binary(t, request.binary_output if o.binary is None else o.binary))
     return InferResponse(model.name, model.version, outputs, response_parameters(pred), request.id, pred)
@@ -404,6 +452,16 @@ def classification(t: Tensor, k: int, classes: list[str]) -> Tensor:
     rows = [[f"{scores[b, i]:f}:{i}:{classes[i] if i < len(classes) else ''}".encode() for i in top[b]]
             for b in range(scores.shape[0])]
     return Tensor(t.name, "BYTES", [scores.shape[0], k], [v for row in rows for v in row])
+
+
+def read_classification(values: list[bytes], shape: list[int]) -> list[list[tuple[float, int, str]]]:
+    """The client's side of ``classification``: per image, its top k as (score, index, label)."""
+    k = shape[-1] if len(shape) > 1 else len(values)
+    rows = []
+    for entry in values:
+        score, index, label = (entry.decode() if isinstance(entry, bytes) else str(entry)).split(":", 2)
+        rows.append((float(score), int(index), label))
+    return [rows[i:i + k] for i in range(0, len(rows), max(1, k))]
 
 
 def _with_binary(t: Tensor, binary: bool) -> Tensor:
@@ -430,6 +488,19 @@ def prediction_headers(pred, index: int) -> dict[str, str]:
         v = getattr(pred, o.attribute)
         if v is not None:
             out[o.header] = _header_text(v[index])
+    return out
+
+
+def parameter_headers(parameters: dict[str, Any]) -> dict[str, str]:
+    """A response's parameters as the headers /predictions answers use (for a door whose body
+    has no room for them: TorchServe's KServe v2 envelope)."""
+    out = {}
+    for p in RESPONSE_PARAMETERS:
+        if parameters.get(p.name) is not None:
+            out[p.header] = _header_text(parameters[p.name])
+    for o in PER_IMAGE_OUTPUTS:
+        if o.summary is not None and parameters.get(o.name) is not None:
+            out[o.header] = _header_text(parameters[o.name])
     return out
 
 
@@ -502,3 +573,11 @@ def read_http_response(body: bytes, header_len: str | None) -> InferResponse:
         outputs.append(Tensor(o["name"], o["datatype"], list(o["shape"]), value, size is not None))
     return InferResponse(head.get("model_name", ""), head.get("model_version", ""), outputs,
                          head.get("parameters") or {}, head.get("id"))
+
+
+def read_grpc_response(msg) -> InferResponse:
+    """A gRPC ModelInferResponse (the server's ``_write_response``: raw_output_contents) -> InferResponse."""
+    outputs = [Tensor(o.name, o.datatype, list(o.shape), read_output(o.datatype, list(o.shape), raw=raw))
+               for o, raw in zip(msg.outputs, msg.raw_output_contents)]
+    return InferResponse(msg.model_name, msg.model_version, outputs,
+                         {k: read_parameter(v) for k, v in msg.parameters.items()}, msg.id or None)

@@ -161,6 +161,32 @@ def _sample(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return out
 
 
+def _steps(s: np.ndarray) -> list[tuple[float, float]]:
+    """The steps in a profile of step magnitudes ``s``: (position, height) per local maximum, its
+    position the centroid of the differences around it (unbiased for a symmetric blur, and smooth in
+    the sub-pixel phase where a peak pick on interpolated samples is not)."""
+    if float(s.max()) <= 0:
+        return []
+    tol = 1e-3 * float(s.max())  # interpolated samples make plateaus, equal up to rounding
+    floor = 0.05 * float(s.max())
+    out, j, n = [], 0, len(s)
+    while j < n:
+        if s[j] < floor:
+            j += 1
+            continue
+        while j + 1 < n and s[j + 1] >= s[j] - tol:  # to the top of this step
+            j += 1
+        lo = hi = j
+        while lo > 0 and 0.25 * s[j] < s[lo - 1] <= s[lo] + tol:
+            lo -= 1
+        while hi + 1 < n and 0.25 * s[j] < s[hi + 1] <= s[hi] + tol:
+            hi += 1
+        w = s[lo:hi + 1]
+        out.append((float(np.dot(w, np.arange(lo, hi + 1)) / w.sum()), float(s[j])))
+        j = hi + 1
+    return out
+
+
 def _refine(gray: np.ndarray, quad: np.ndarray) -> np.ndarray | None:
     """Sub-pixel corners: per side, the strongest step across the edge at many points, a robust
     line through them, and the intersections of neighbouring lines."""
@@ -184,24 +210,13 @@ def _refine(gray: np.ndarray, quad: np.ndarray) -> np.ndarray | None:
         weak = max(1.0, 0.35 * float(np.median(peak)))  # where the picture matches the table: no edge to find
         found = []
         for k in range(len(base)):
-            s = step[k]
             if peak[k] < weak:
                 continue
-            # The paper's edge is the outermost strong step (content steps lie further in), located
-            # as the centroid of that step's differences: unbiased for a symmetric blur, and smooth
-            # in the sub-pixel phase where a peak pick on interpolated samples is not.
-            tol = 1e-3 * s.max()  # interpolated samples make plateaus, equal up to rounding
-            j = int(np.argmax(s >= 0.5 * s.max()))
-            while j + 1 < len(s) and s[j + 1] >= s[j] - tol:  # to the top of that step
-                j += 1
-            lo = hi = j
-            while lo > 0 and 0.25 * s[j] < s[lo - 1] <= s[lo] + tol:
-                lo -= 1
-            while hi + 1 < len(s) and 0.25 * s[j] < s[hi + 1] <= s[hi] + tol:
-                hi += 1
-            wts = s[lo:hi + 1]
-            off = float(np.dot(wts, offsets[lo:hi + 1] + 0.125) / wts.sum())
-            found.append(base[k] + off * n)
+            # The paper's edge is the strong step nearest the coarse outline: a white margin's inner
+            # edge (or a content edge) lies further in and may well be the stronger step.
+            steps = [(pos, height) for pos, height in _steps(step[k]) if height >= 0.3 * peak[k]]
+            pos = min(steps, key=lambda st: abs(offsets[0] + 0.25 * st[0] + 0.125))[0]
+            found.append(base[k] + (offsets[0] + 0.25 * pos + 0.125) * n)
         if len(found) < 6:
             return None
         vx, vy, x0, y0 = cv2.fitLine(np.array(found, np.float32), cv2.DIST_HUBER, 0, 0.01, 0.01).ravel()
@@ -253,9 +268,10 @@ def find_print(rgb: np.ndarray) -> Print | None:
 
 def rectify(rgb: np.ndarray, corners: np.ndarray, size: tuple[int, int], trim: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Warp the quadrilateral ``corners`` (outer edges) onto an upright (h * k, w * k) grid, k chosen so
-    the grid is at least as fine as the print in the frame, then trim a paper margin.
+    the grid is at least as fine as the print in the frame; when the print carries a paper margin,
+    warp the picture inside it instead (located to a fraction of a pixel, one resampling of the frame).
 
-    Returns the grid and the corners (4, 2) of what it kept, in the frame's pixels: the picture
+    Returns the grid and the corners (4, 2) of what it holds, in the frame's pixels: the picture
     inside the margin, or the whole print."""
     h, w = size
     sides = [np.hypot(*(corners[(i + 1) % 4] - corners[i])) for i in range(4)]
@@ -264,46 +280,93 @@ def rectify(rgb: np.ndarray, corners: np.ndarray, size: tuple[int, int], trim: b
     dst = np.array([[-0.5, -0.5], [gw - 0.5, -0.5], [gw - 0.5, gh - 0.5], [-0.5, gh - 0.5]], np.float32)
     m = cv2.getPerspectiveTransform(corners.astype(np.float32), dst)
     grid = cv2.warpPerspective(rgb, m, (gw, gh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    top, bottom, left, right = margin(grid) if trim else (0, 0, 0, 0)
-    kept = np.array([[left - 0.5, top - 0.5], [gw - right - 0.5, top - 0.5],
-                     [gw - right - 0.5, gh - bottom - 0.5], [left - 0.5, gh - bottom - 0.5]], np.float32)
-    taken = cv2.perspectiveTransform(kept[None], np.linalg.inv(m))[0].astype(np.float64)
-    return grid[top:gh - bottom, left:gw - right], taken
+    inner = picture_inside_margin(grid) if trim else None
+    if inner is None:
+        return grid, np.asarray(corners, np.float64)
+    taken = cv2.perspectiveTransform(inner[None].astype(np.float32), np.linalg.inv(m))[0].astype(np.float64)
+    m = cv2.getPerspectiveTransform(taken.astype(np.float32), dst)
+    return cv2.warpPerspective(rgb, m, (gw, gh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE), taken
 
 
-def margin(grid: np.ndarray) -> tuple[int, int, int, int]:
-    """Rows/columns of white paper to trim from (top, bottom, left, right) of a rectified print.
+def picture_inside_margin(grid: np.ndarray, chunks: int = 16) -> np.ndarray | None:
+    """The corners (4, 2), TL TR BR BL in the grid's pixels, of the picture inside a white paper margin
+    of a rectified print, or None when it has no margin.
 
-    A margin counts only when all four sides carry one: a bright band whose colour is even along the
-    side (a lighting gradient allowed) and alike on all sides, so a picture whose own edge is a white
-    sky on one side is left alone. Each side is trimmed while its lines keep the band's colour,
-    compared position by position (the light may change along a side, hardly across a thin margin)."""
-    g = grid.astype(np.float32)
+    A margin counts only when all four sides carry one: a bright band, even along the side (a lighting
+    gradient allowed) and alike on all sides, ending in a straight inner edge, so that a picture whose
+    own edge is a white sky on one side is left alone. Along each side, in short stretches, the inner
+    edge is the strongest step after the outer edge's step has died down (a flat band between them);
+    a line through the stretches where it lies at a consistent depth is that side's edge, and
+    neighbouring lines meet at the corners."""
+    g = cv2.GaussianBlur(grid.astype(np.float32), (0, 0), 0.7)
     gh, gw = g.shape[:2]
-    r = max(1, min(gh, gw) // 64)  # the outermost r lines may hold a sliver of table: the band starts at r
-    sides = [g, g[::-1], g.transpose(1, 0, 2), g.transpose(1, 0, 2)[::-1]]  # top, bottom, left, right: lines first
-    bands = [s[r:2 * r].mean(0) for s in sides]  # (length, 3) each
-    levels = [float(np.median(b)) for b in bands]
-    for b in bands:
-        trend = cv2.blur(b[None], (max(3, len(b) // 8), 1))[0]
-        if float(np.median(b)) < 120 or np.percentile(np.abs(b - trend).max(1), 90) > 20:
-            return 0, 0, 0, 0
+    views = [g, g[::-1], g.transpose(1, 0, 2), g.transpose(1, 0, 2)[::-1]]  # top, bottom, left, right: lines first
+    picks = []  # per side: (position along, depth) of the inner edge, stretch by stretch
+    for view in views:
+        depth_cap, length = int(MAX_MARGIN * view.shape[0]), view.shape[1]
+        step = np.linalg.norm(np.diff(view[:depth_cap + 1], axis=0), axis=2)  # (depth, along): step d lies at depth d + 0.5
+        bounds = np.linspace(0.08 * length, 0.92 * length, chunks + 1).astype(int)
+        pts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            prof = step[:, lo:hi].mean(1)
+            noise = float(np.median(prof))
+            top = int(np.argmax(prof[:3]))  # the outer edge's step: the grid starts on the paper's edge
+            end = top
+            while end + 1 < len(prof) and prof[end] > 0.15 * prof[top] + noise and prof[end + 1] <= prof[end]:
+                end += 1  # its blurred tail, down to where it dies down or the next step begins
+            inner = [st for st in _steps(prof[end:]) if st[0] >= 1]
+            if not inner:
+                continue
+            # The first clear step after the band: the picture's own cell edges lie further in.
+            strongest = max(st[1] for st in inner)
+            clear = [st for st in inner if st[1] >= max(3 * noise, 0.25 * strongest)]
+            if not clear:
+                continue
+            pos, height = clear[0]
+            pos += end
+            if float(prof[end:int(pos) + 1].min()) < 0.5 * height:  # a flat band of paper before it
+                pts.append(((lo + hi - 1) / 2, pos + 0.5))
+        picks.append(np.array(pts).reshape(-1, 2))
+
+    def support(pts: np.ndarray, depth: float) -> np.ndarray:
+        return pts[np.abs(pts[:, 1] - depth) <= max(1.5, 0.12 * depth)]
+
+    # The margin is the shallowest depth that many stretches agree on, on three sides at least (a print
+    # centres its picture, so its margins are about equal): where the picture's own edge matches the
+    # paper, a stretch finds a cell edge further in instead, and a side whose picture is all white
+    # there (a sky) finds none.
+    fits = None
+    for depth in sorted(np.concatenate([p[:, 1] for p in picks])):
+        near = [support(p, depth) for p in picks]
+        if depth >= 2 and sum(len(n) >= chunks // 4 for n in near) >= 3:
+            fits = [tuple(np.polyfit(n[:, 0], n[:, 1], 1)[::-1]) if len(n) >= chunks // 4 else None for n in near]
+            break
+    if fits is None:
+        return None
+    # (offset, slope) per side; a side without its own edge takes its opposite side's depth.
+    fits = [f if f is not None else (fits[i ^ 1][0] + fits[i ^ 1][1] * (views[i].shape[1] - 1) / 2, 0.0)
+            for i, f in enumerate(fits)]
+    levels = []
+    for view, (offset, slope) in zip(views, fits):
+        # The band must be paper: bright, and even along the side (a lighting gradient allowed).
+        length = view.shape[1]
+        mid = offset + slope * (length - 1) / 2
+        band = view[max(1, int(round(mid / 2)))]
+        trend = cv2.blur(band[None], (max(3, length // 8), 1))[0]
+        if float(np.median(band)) < 120 or np.percentile(np.abs(band - trend).max(1), 90) > 20:
+            return None
+        levels.append(float(np.median(band)))
     if max(levels) - min(levels) > 45:
-        return 0, 0, 0, 0
-    counts = []
-    for side, band, cap in zip(sides, bands, (gh, gh, gw, gw)):
-        # Per position along the side, how deep the paper colour reaches; a margin's inner edge is a
-        # straight line (the same depth all along), a white sky around an object is not.
-        lines = side[r:int(MAX_MARGIN * cap)]
-        off = np.abs(lines - band[None]).max(2) > 30  # (depth, length)
-        depth = np.where(off.any(0), off.argmax(0), len(lines)) + r
-        mid = float(np.median(depth))
-        if np.mean(np.abs(depth - mid) <= max(2.0, 0.15 * mid)) < 0.6:  # picture that matches the paper may deepen it here and there
-            return 0, 0, 0, 0
-        inner = np.abs(lines[:max(1, int(mid) - r - 2)] - band[None]).max(2)
-        if np.percentile(inner, 90) > 15:  # paper is even up to a sharp inner edge; a smooth picture drifts
-            return 0, 0, 0, 0
-        counts.append(int(round(mid)))
-    if min(counts) <= r + 1:  # nothing beyond the sliver skipped at the edge
-        return 0, 0, 0, 0
-    return tuple(counts)
+        return None
+    # Lines in the grid's pixels: top y = a + b x, bottom y = gh - 1 - (a + b x), left x = a + b y, right likewise.
+    (at, bt), (ab, bb), (al, bl), (ar, br) = fits
+
+    def meet(a1, b1, flip1, a2, b2, flip2):  # horizontal line y(x) meets vertical line x(y)
+        # y = c1 + d1 x (top: c1 = a1, d1 = b1; bottom: c1 = gh - 1 - a1, d1 = -b1), x = c2 + d2 y likewise.
+        c1, d1 = (gh - 1 - a1, -b1) if flip1 else (a1, b1)
+        c2, d2 = (gw - 1 - a2, -b2) if flip2 else (a2, b2)
+        x = (c2 + d2 * c1) / (1 - d1 * d2)
+        return x, c1 + d1 * x
+
+    return np.array([meet(at, bt, False, al, bl, False), meet(at, bt, False, ar, br, True),
+                     meet(ab, bb, True, ar, br, True), meet(ab, bb, True, al, bl, False)], np.float64)

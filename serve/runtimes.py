@@ -47,6 +47,9 @@ def _static(dim) -> int | None:
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
+SHRINK_AFTER_BATCH = 256  # images
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
     platform = "onnxruntime_onnx"
@@ -66,6 +69,8 @@ class OnnxRuntime(Runtime):
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.providers = self.session.get_providers()
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         if self.providers[0] == "CUDAExecutionProvider":
             self.device = torch.device("cuda", device.index or 0)
         else:
@@ -94,7 +99,9 @@ class OnnxRuntime(Runtime):
         x = x.to(torch.float32).contiguous()
         if x.is_cuda and self.device.type == "cuda" and self.num_outputs:
             return self._run_bound(x)
-        out = self.session.run([self.output_name], {self.input_name: x.detach().cpu().numpy()})[0]
+        # After a large batch, the CPU arena hands its extra chunks back (else RSS stays at the peak).
+        opts = self._shrink if x.shape[0] >= SHRINK_AFTER_BATCH else None
+        out = self.session.run([self.output_name], {self.input_name: x.detach().cpu().numpy()}, opts)[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     def _run_bound(self, x: torch.Tensor) -> torch.Tensor:

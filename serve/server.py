@@ -2,10 +2,16 @@
 share the InferenceService, hence one batcher per model.
 
 Shutdown (SIGTERM or SIGINT, or ``request_stop``): both doors stop accepting at
-once, requests in flight finish (up to ``grace_s``), the batchers drain, and
-``run`` returns 0. uvicorn's own signal capture is switched off because it
-re-raises the signal after shutdown, which would end the process with -15
-instead of a clean exit.
+once (new HTTP requests on kept-alive connections get a JSON 503 with ``Connection:
+close``, new gRPC calls UNAVAILABLE), requests and calls already accepted finish, the
+batchers drain, and ``run`` returns 0 - all within ``grace_s`` of the signal, whatever
+clients do: what still runs then is answered 503 / cancelled. uvicorn's own signal
+capture is switched off because it re-raises the signal after shutdown, which would end
+the process with -15 instead of a clean exit.
+
+A model store with a broken model (a truncated model.onnx, a bad card) still serves the
+good ones: ``load_models`` records the broken one with its reason, the service answers
+it as not ready, and ``bdserve serve`` reports it once at start.
 """
 
 from __future__ import annotations
@@ -15,17 +21,22 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
 from bdserve.serve import access_log, repository
+from bdserve.serve.budget import bound_heap
+from bdserve.serve.grpc_drain import DrainGate
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
+from bdserve.serve.guard import GuardedH11Protocol
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
 from bdserve.serve.tracing import Tracing
 from bdserve.serve.pipeline import DefendedModel
@@ -42,6 +53,8 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     grace_s: float = 30.0
+    body_timeout_s: float = 30.0  # the whole HTTP body must arrive within this (else 408)
+    max_uploads: int = 256  # HTTP bodies read or held at once (beyond: 503)
     log_level: str = "warning"
     access_log: bool = True  # one JSON line per request on stdout (bdserve.access)
     lab_keep: Path | None = None  # --lab-keep: the photo lab appends each upload and answer here
@@ -53,16 +66,96 @@ class ServeConfig:
     otel_endpoint: str | None = None  # --otel-endpoint: OTLP/HTTP collector for traces (serve/tracing.py)
 
 
-def load_models(store: str | Path, names: list[str] | None = None, **load_kw) -> list[DefendedModel]:
-    """Every model (and version) the repository holds, or the named ones (``NAME`` or ``NAME=DIR``)."""
-    return [DefendedModel.load(e.path, name=e.name, version=e.version, **load_kw)
-            for e in repository.entries(store, names)]
+def load_models(store: str | Path, names: list[str] | None = None, *, broken: dict[str, str] | None = None,
+                **load_kw) -> list[DefendedModel]:
+    """Every model (and version) the repository holds, or the named ones (``NAME`` or ``NAME=DIR``).
+    With ``broken`` (a dict), a model that fails to load is recorded there (served name -> one line
+    naming its file and what is wrong) and the others load; without it, the first failure raises."""
+    models = []
+    for e in repository.entries(store, names):
+        try:
+            models.append(DefendedModel.load(e.path, name=e.name, version=e.version, **load_kw))
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime, torch and card errors alike
+            if broken is None:
+                raise
+            broken[e.name] = load_failure(e.path, err)  # the caller reports it (once)
+    return models
+
+
+def load_failure(model_dir: Path, e: Exception) -> str:
+    """One line: the file at fault (when the message does not already name one) and the reason."""
+    reason = " ".join(str(e).split())  # ONNX Runtime's messages span lines
+    reason = reason if len(reason) <= 400 else reason[:397] + "..."
+    if str(model_dir) in reason:
+        return reason
+    graph = next((model_dir / f for f in ("model.onnx", "model.pt") if (model_dir / f).exists()), model_dir)
+    return f"{graph}: {type(e).__name__}: {reason}"
+
+
+SETTLE_S = 0.25  # after the signal, requests already on their way over open connections still count
+
+
+def settle_s(grace_s: float) -> float:
+    return min(SETTLE_S, grace_s / 4)
+
+
+def exit_margin_s(grace_s: float) -> float:
+    """Kept back from the grace period for the process to end (unmapping a few hundred MB of
+    torch and ONNX Runtime takes a moment on a busy machine)."""
+    return min(0.3, 0.5 * grace_s)
 
 
 class _Uvicorn(uvicorn.Server):
+    """uvicorn, with our signals and a shutdown that keeps to the server's deadline.
+
+    It stops accepting connections at once. Requests that arrive on open connections are
+    still served, each answer closing its connection (the guard adds ``Connection: close``);
+    after ``settle`` seconds, idle connections are closed - but never one whose next request
+    is already in its socket, which would reset it unanswered. At the deadline, what still
+    runs is cancelled (the guard answers it with a JSON 503)."""
+
+    deadline: float | None = None
+    settle: float = SETTLE_S
+
     @contextlib.contextmanager
     def capture_signals(self):  # signals are ours (see module docstring)
         yield
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        now = time.monotonic()
+        deadline = self.deadline if self.deadline is not None else now + 30.0
+        settled_at = min(now + self.settle, deadline)
+        state, told = self.server_state, set()
+        while time.monotonic() < deadline:
+            if time.monotonic() >= settled_at:
+                for connection in list(state.connections):
+                    if connection not in told and not _has_unread(connection):
+                        connection.shutdown()  # idle: closed now; busy: closed after its answer
+                        told.add(connection)
+                if not state.connections and not state.tasks:
+                    break
+            await asyncio.sleep(0.02)
+        running = list(state.tasks)
+        for task in running:
+            task.cancel(msg="grace period over")
+        if running:  # the guard writes their 503s
+            await asyncio.wait(running, timeout=0.05)
+        for connection in list(state.connections):
+            connection.transport.close()
+
+
+def _has_unread(connection) -> bool:
+    """Whether bytes wait in the connection's socket (a request on its way)."""
+    sock = connection.transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class PortInUse(OSError):
@@ -116,6 +209,7 @@ class Server:
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._stop: asyncio.Event | None = None
+        self.shutdown_s = 0.0
 
     @property
     def http_url(self) -> str:
@@ -128,6 +222,7 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         self._stop = asyncio.Event()
+        bound_heap()  # large buffers go back to the system when freed
         access_log.enable(cfg.access_log)
         self._tracing = Tracing(cfg.otel_endpoint) if cfg.otel_endpoint else None
         # Both ports are bound before anything starts, so a busy one fails with nothing to undo.
@@ -143,9 +238,10 @@ class Server:
                 except OSError:
                     sock.close()
                     raise
+            self._drain = DrainGate()
             self._grpc = create_grpc_server(self.service, max_message_bytes=cfg.max_message_bytes,
                                             reuse_port=cfg.grpc_shared,
-                                            interceptors=self._tracing.grpc_interceptors() if self._tracing else ())
+                                            interceptors=[self._drain, *(self._tracing.grpc_interceptors() if self._tracing else ())])
             self._grpc_standard = StandardServices(self._grpc, self.service.models)
             try:  # grpc.so_reuseport is off (but for workers), so a busy port fails here too
                 self.grpc_port = self._grpc.add_insecure_port(f"{_url_host(cfg.host)}:{cfg.grpc_port}")
@@ -155,14 +251,16 @@ class Server:
                 sock.close()
                 raise PortInUse("gRPC", cfg.host, cfg.grpc_port, "--grpc-port")
         await self.service.start()
-        app = create_app(self.service, max_body_bytes=cfg.max_body_bytes, lab_keep=cfg.lab_keep)
+        http_app = create_app(self.service, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s,
+                              max_uploads=cfg.max_uploads, lab_keep=cfg.lab_keep)
+        self.guard = http_app.app  # under the access log: the guard closes connections at shutdown
         if cfg.worker is not None:
-            app = _WorkerHeader(app, cfg.worker)
+            http_app = _WorkerHeader(http_app, cfg.worker)
         if self._tracing is not None:
-            app = self._tracing.wrap_asgi(app)
+            http_app = self._tracing.wrap_asgi(http_app)
         self._uvicorn = _Uvicorn(uvicorn.Config(
-            app, log_level=cfg.log_level, access_log=False, lifespan="off",
-            timeout_graceful_shutdown=int(cfg.grace_s) or None,
+            http_app, log_level=cfg.log_level, access_log=False, lifespan="off", http=GuardedH11Protocol,
+            timeout_graceful_shutdown=cfg.grace_s,  # (_Uvicorn.shutdown keeps its own deadline)
         ))
         self._http_task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))
         if self._grpc is not None:
@@ -183,15 +281,27 @@ class Server:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        self._uvicorn.should_exit = True  # stop accepting; uvicorn finishes open requests
+        """Everything accepted is answered, and this returns within ``grace_s`` (plus a few ms)."""
+        t0 = time.monotonic()
+        deadline = time.monotonic() + self.config.grace_s - exit_margin_s(self.config.grace_s)
+        self.guard.closing = True  # every answer from now on closes its connection
+        self._uvicorn.deadline, self._uvicorn.settle = deadline, settle_s(self.config.grace_s)
+        self._uvicorn.should_exit = True  # uvicorn notices within 0.1 s (its tick)
         waits = [self._http_task]
         if self._grpc is not None:
-            await self._grpc_standard.draining()  # health says NOT_SERVING while calls drain
-            waits.append(self._grpc.stop(self.config.grace_s))
+            waits.append(self._stop_grpc(deadline))
         await asyncio.gather(*waits, return_exceptions=True)
         await self.service.stop()
         if self._tracing is not None:
             self._tracing.shutdown()
+        self.shutdown_s = time.monotonic() - t0
+
+    async def _stop_grpc(self, deadline: float) -> None:
+        await self._grpc_standard.draining()  # health says NOT_SERVING while calls drain
+        # Calls already sent keep being picked up and answered; the server stops once none has
+        # run for a quiet moment (grpc's stop() alone would cancel those not yet picked up).
+        await self._drain.drain(deadline, quiet_s=settle_s(self.config.grace_s))
+        await self._grpc.stop(max(0.0, deadline - time.monotonic()))
 
 
 async def serve_forever(service: InferenceService, config: ServeConfig, announce=print) -> int:
@@ -206,7 +316,7 @@ async def serve_forever(service: InferenceService, config: ServeConfig, announce
     if server.grpc_target:
         announce(f"gRPC listening on {server.grpc_target}")
     await server.wait()
-    announce("stopped")
+    announce(f"stopped ({server.shutdown_s:.2f} s after the signal)")
     return 0
 
 

@@ -21,8 +21,10 @@ import torch
 from bdserve import __version__ as _version
 from bdserve.serve import oip
 from bdserve.serve.batching import Batcher
-from bdserve.serve.errors import InvalidInput, NotFound, SuspectedTrigger
+from bdserve.serve.budget import PixelBudget, declared_pixels
+from bdserve.serve.errors import InvalidInput, ModelUnavailable, NotFound, SuspectedTrigger, shown
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
+from bdserve.serve.images import DEFAULT_MAX_PIXELS
 from bdserve.serve.pipeline import DefendedModel
 from bdserve.serve.repository import version_key
 
@@ -38,13 +40,16 @@ ON_SUSPECT = ("flag", "reject")
 class InferenceService:
     def __init__(self, models: Iterable[DefendedModel] | dict[str, DefendedModel], *, max_batch_size: int = 32,
                  max_queue_delay_ms: float = 5.0, max_queue_images: int = 4096, metrics: Metrics | None = None,
-                 on_suspect: str = "flag"):
+                 on_suspect: str = "flag", broken: dict[str, str] | None = None,
+                 pixel_budget: int = DEFAULT_MAX_PIXELS):
+        """``broken``: models of the store that failed to load (name -> why); they answer as not ready."""
         models = list(models.values()) if isinstance(models, dict) else list(models)
         if not models:
             raise ValueError("no models to serve")
         if on_suspect not in ON_SUSPECT:
             raise ValueError(f"on_suspect must be one of {', '.join(ON_SUSPECT)}, not {on_suspect!r}")
         self.on_suspect = on_suspect
+        self.broken = dict(broken or {})
         # Every version of every model; the highest version answers requests that name none.
         self.versions: dict[str, dict[str, DefendedModel]] = {}
         for m in models:
@@ -66,6 +71,8 @@ class InferenceService:
         for m in self.models.values():
             self.metrics.describe_model(m)
         self.max_request_images = max_queue_images
+        # Decoded pixels in flight across every request and door (a 140 KiB PNG may declare 49 MP).
+        self.pixels = PixelBudget(pixel_budget)
         self.ready = False
 
     def _arriving(self, name: str):
@@ -86,12 +93,14 @@ class InferenceService:
     def get(self, name: str, version: str | None = None) -> DefendedModel:
         versions = self.versions.get(name)
         if versions is None:
-            raise NotFound(f"unknown model {name!r}; this server has: {', '.join(sorted(self.models))}")
+            if name in self.broken:
+                raise ModelUnavailable(f"model {shown(name)} is not ready: it failed to load: {self.broken[name]}")
+            raise NotFound(f"unknown model {shown(name)}; this server has: {', '.join(sorted(self.models))}")
         if version in (None, ""):
             return self.models[name]
         model = versions.get(str(version))
         if model is None:
-            raise NotFound(f"model {name!r} has no version {version!r}; served versions: "
+            raise NotFound(f"model {shown(name)} has no version {shown(version)}; served versions: "
                            f"{', '.join(self.version_list(name))}")
         return model
 
@@ -102,10 +111,12 @@ class InferenceService:
         return oip.model_config(model, self.max_batch_size)
 
     def repository_index(self) -> list[dict]:
-        """Triton's repository index: every served model version and its state."""
+        """Triton's repository index: every served model version and its state; a model that
+        failed to load is listed UNAVAILABLE with the reason."""
         state = "READY" if self.ready else "UNAVAILABLE"
         return [{"name": name, "version": v, "state": state, "reason": ""}
-                for name in sorted(self.versions) for v in self.version_list(name)]
+                for name in sorted(self.versions) for v in self.version_list(name)] + [
+            {"name": name, "version": "", "state": "UNAVAILABLE", "reason": why} for name, why in sorted(self.broken.items())]
 
     def metric_name(self, name: str) -> str:
         return name if name in self.models else UNKNOWN_MODEL
@@ -131,7 +142,9 @@ class InferenceService:
         gauge.inc()
         queued.inc(images)
         try:
-            pred = await self.batchers[(model.name, model.version)].submit(x, defense)
+            # Encoded images hold the server-wide pixel budget while they queue and decode.
+            async with self.pixels.reserve(0 if isinstance(x, torch.Tensor) else largest_image(model, x)):
+                pred = await self.batchers[(model.name, model.version)].submit(x, defense)
         finally:
             gauge.dec()
             queued.dec(images)
@@ -181,3 +194,10 @@ class InferenceService:
                 self._open[model_name] -= 1
             self.metrics.observe_request(self.metric_name(model_name), protocol, box["code"],
                                          time.perf_counter() - t0)
+
+
+def largest_image(model: DefendedModel, blobs: list[bytes]) -> int:
+    """The decoded pixels a request's images need at once: they decode one at a time, each fitted
+    to the model's input before the next. An image over the per-image limit is refused by the
+    decoder before any pixel is decoded, so it counts as the limit."""
+    return max((min(declared_pixels(b), model.max_pixels) for b in blobs), default=0)

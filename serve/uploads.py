@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from bdserve.serve.errors import InvalidInput
+from bdserve.serve.errors import InvalidInput, shown
 
 IMAGE_FIELDS = ("data", "file")  # TorchServe's names for the uploaded payload
 _MAX_PARTS = 16
@@ -53,7 +53,7 @@ def multipart_parts(body: bytes, content_type: str) -> dict[str, bytes]:
         if name is None:
             raise InvalidInput("multipart part without a name in its Content-Disposition")
         if name in parts:
-            raise InvalidInput(f"multipart field {name[:64]!r} appears more than once; send one image per request")
+            raise InvalidInput(f"multipart field {shown(name)} appears more than once; send one image per request")
         if len(parts) >= _MAX_PARTS:
             raise InvalidInput(f"multipart upload with more than {_MAX_PARTS} parts")
         parts[name] = bytes(current["data"])
@@ -67,7 +67,7 @@ def multipart_parts(body: bytes, content_type: str) -> dict[str, bytes]:
     except InvalidInput:
         raise
     except Exception as e:  # noqa: BLE001 - python-multipart's parse errors
-        raise InvalidInput(f"malformed multipart body: {e}") from None
+        raise InvalidInput(f"malformed multipart body: {shown(str(e), 200, quoted=False)}") from None
     return parts
 
 
@@ -76,7 +76,10 @@ def upload_image(body: bytes, content_type: str) -> bytes:
     if not content_type.lower().startswith("multipart/form-data"):
         return body
     parts = multipart_parts(body, content_type)
-    for name in IMAGE_FIELDS:
-        if name in parts:
-            return parts[name]
-    raise InvalidInput("multipart upload needs a field named 'data' holding the image")
+    images = [parts[name] for name in IMAGE_FIELDS if name in parts]
+    if len(images) > 1:  # never a silent "one of them wins"
+        raise InvalidInput(f"multipart upload has more than one image field (both {' and '.join(IMAGE_FIELDS)}); "
+                           "send one image per request")
+    if not images:
+        raise InvalidInput("multipart upload needs a field named 'data' holding the image")
+    return images[0]

@@ -22,6 +22,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", help="TorchServe batchSize for this model."),
         max_batch_delay_ms: int = typer.Option(5, "--max-batch-delay-ms", help="TorchServe maxBatchDelay."),
         workers: int = typer.Option(1, "--workers", help="TorchServe min/max workers for this model."),
+        detect: Optional[str] = typer.Option(None, "--detect", metavar="METHOD[,METHOD]", help="Calibrated trigger detectors the handler runs on every image, as `bdserve serve --detect` (see `bdserve calibrate`)."),
+        on_suspect: str = typer.Option("flag", "--on-suspect", help="With --detect: flag (answer, and say so) or reject (HTTP 422) images the detectors flag."),
     ) -> None:
         """Pack a model directory into a TorchServe .mar whose handler runs bdserve's defended pipeline.
 
@@ -37,7 +39,7 @@ def register(app: typer.Typer) -> None:
             with console.status(f"archiving {model_dir} ...") as st:
                 res = build_archive(
                     model_dir, out, name=name, defense=defense, batch_size=batch_size,
-                    max_batch_delay_ms=max_batch_delay_ms, workers=workers,
+                    max_batch_delay_ms=max_batch_delay_ms, workers=workers, detect=detect, on_suspect=on_suspect,
                     status=lambda msg: st.update(msg),
                 )
         except ArchiveError as e:

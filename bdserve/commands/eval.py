@@ -20,30 +20,24 @@ def _defenses(spec: Optional[str]) -> list:
 
 def request_headers(header: list[str] | None, token_file: Path | None) -> dict[str, str]:
     """``--header 'Name: value'`` (repeatable) and ``--token-file`` (TorchServe's key_file.json:
-    its inference key becomes ``Authorization: Bearer KEY``)."""
+    its inference key becomes ``Authorization: Bearer KEY``, as bdserve.client sends it)."""
+    from bdserve.client import auth_headers
+
     headers = {}
     for h in header or []:
         name, sep, value = h.partition(":")
         if not sep or not name.strip():
             raise CommandError(f"--header {h!r} must look like 'Name: value', e.g. 'Authorization: Bearer KEY'")
         headers[name.strip()] = value.strip()
-    if token_file is not None:
-        try:
-            key = json.loads(token_file.read_text())["inference"]["key"]
-        except OSError as e:
-            raise CommandError(f"--token-file {token_file}: {e.strerror}") from None
-        except (ValueError, KeyError, TypeError):
-            raise CommandError(f"--token-file {token_file} is not TorchServe's key_file.json "
-                               "(no inference key); use --header 'Authorization: Bearer KEY' instead") from None
-        if any(n.lower() == "authorization" for n in headers):
-            raise CommandError("give --token-file or an Authorization --header, not both")
-        headers["Authorization"] = f"Bearer {key}"
-    return headers
+    try:
+        return auth_headers(headers, token_file=token_file)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def explain(endpoint: str, model: str, e: Exception) -> CommandError:
     """A failure before any image was scored, as one line that says what to do."""
-    from bdserve.serve.evaluation.retry import RetriesExhausted
+    from bdserve.client import RetriesExhausted
 
     msg = " ".join(str(e).split())
     if isinstance(e, RetriesExhausted):
@@ -81,10 +75,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate a served model from outside, as traffic arrives: accuracy, ASR, errors, latency."""
         from bdserve.card import ModelCard
-        from bdserve.serve.evaluation.retry import RetryPolicy
+        from bdserve.client import PermanentError, RetryPolicy
         from bdserve.settings import data_dir
-
-        from bdserve.serve.evaluation.retry import PermanentError
 
         policy = RetryPolicy(attempts=max(1, retries))
         headers = request_headers(header, token_file)
@@ -140,19 +132,18 @@ def _photos(endpoint, model, card, folder, route, defenses, concurrency, policy,
     clean-photo accuracy with Wilson intervals, per defense and per fit the server applied."""
     import asyncio
 
+    from bdserve.client import AsyncClient
     from bdserve.serve.evaluation import photos as ph
-    from bdserve.serve.evaluation.clients import open_client
-    from bdserve.serve.evaluation.retry import with_retries
 
     if route not in ("predictions", "oip"):
         raise ValueError("--photo-route is predictions or oip")
     items = ph.collect(folder, card.classes)
 
     async def go():
-        async with open_client(endpoint, model, card.classes, concurrency=concurrency, timeout_s=timeout_s,
+        async with AsyncClient(endpoint, model, concurrency=concurrency, timeout_s=timeout_s, retries=policy,
                                headers=headers) as client:
-            await with_retries(client.connect, policy)
-            runs = [await ph.classify(client, items, route=route, defense=d, concurrency=concurrency, policy=policy)
+            await client.wait_ready()
+            runs = [await ph.classify(client, items, card.classes, route=route, defense=d, concurrency=concurrency)
                     for d in defenses]
             return client.scheme, runs
 

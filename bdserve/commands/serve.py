@@ -4,6 +4,8 @@ HTTP and gRPC, in one process and one event loop, until SIGTERM."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -51,7 +53,10 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: its own choice)."),
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch CPU threads for decoding and the defense (default 1: ONNX Runtime's pool does the heavy work, and two pools fighting over few cores slow both)."),
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
-        grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish."),
+        grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish; the process exits within it."),
+        body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", help="An HTTP request's whole body must arrive within this, else 408."),
+        max_uploads: int = typer.Option(256, "--max-uploads", help="HTTP request bodies read or held at once; beyond, 503."),
+        pixel_budget: Optional[int] = typer.Option(None, "--pixel-budget", help="Decoded pixels in flight across all requests (default: --max-pixels, one largest image at a time); beyond, requests wait up to 10 s, then 503."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
         otel_endpoint: Optional[str] = typer.Option(None, "--otel-endpoint", metavar="URL", help="Send OpenTelemetry traces (OTLP over HTTP) to this collector, e.g. http://127.0.0.1:4318: a span per request (W3C traceparent honoured), decode, batch wait, batch, defense, inference. Needs the otel extra."),
         access_log: str = typer.Option("on", "--access-log", help="on: one JSON line per request on stdout (method, path, model, status, duration, bytes, request id); off: none."),
@@ -103,11 +108,17 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--on-suspect is flag or reject, not {on_suspect!r}")
         if on_suspect == "reject" and not detect:
             raise typer.BadParameter("--on-suspect reject needs --detect METHOD")
+        broken: dict[str, str] = {}  # a broken model is reported once; the good ones are served
         try:
-            models = load_models(store, model, defense=defense, backend=backend, device=device, lab=lab,
-                                 detect=detect, max_pixels=max_pixels, threads=threads, fit=fit_policy)
+            models = load_models(store, model, broken=broken, defense=defense, backend=backend, device=device,
+                                 lab=lab, detect=detect, max_pixels=max_pixels, threads=threads, fit=fit_policy)
         except (FileNotFoundError, ValueError, InvalidInput) as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        for name, why in broken.items():
+            typer.echo(f"error: model {name} not served (answers 'not ready'): {why}", err=True)
+        if not models:
+            typer.echo(f"error: no model in {store} could be loaded", err=True)
             raise typer.Exit(2)
         for m in models:
             detecting = f", detect {m.detection.describe()}, {on_suspect} suspects" if m.detect else ""
@@ -115,9 +126,11 @@ def register(app: typer.Typer) -> None:
                        f"{', lab' if lab else ''}{detecting}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                                   max_queue_images=max_queue, on_suspect=on_suspect)
+                                   max_queue_images=max_queue, on_suspect=on_suspect, broken=broken,
+                                   pixel_budget=pixel_budget or max_pixels)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=None if no_grpc else grpc_port,
-                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s, log_level=log_level,
+                             max_body_bytes=limit, max_message_bytes=limit, grace_s=grace_s,
+                             body_timeout_s=body_timeout_s, max_uploads=max_uploads, log_level=log_level,
                              access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep,
                              otel_endpoint=otel_endpoint)
         if worker_http_fd is not None:
@@ -127,4 +140,10 @@ def register(app: typer.Typer) -> None:
             config.worker = int(os.environ.get(WORKER_ENV, "1"))
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
             code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
-        raise typer.Exit(code)
+            # Everything is answered and every connection closed: skip the event loop's and the
+            # interpreter's teardown (joining idle worker threads, then seconds of garbage
+            # collection over torch and ONNX Runtime objects), so the process ends within the grace period.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)

@@ -18,10 +18,9 @@ def register(app: typer.Typer) -> None:
         import asyncio
 
         from bdserve.card import ModelCard
-        from bdserve.serve.evaluation import plots, studies
-        from bdserve.serve.evaluation.clients import open_client
+        from bdserve.client import AsyncClient, PermanentError
         from bdserve.commands.eval import explain
-        from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
+        from bdserve.serve.evaluation import plots, studies
         from bdserve.settings import data_dir
 
         mc = ModelCard.load(card)
@@ -29,8 +28,8 @@ def register(app: typer.Typer) -> None:
                                   batch_size=batch_size, concurrency=concurrency)
 
         async def run():
-            async with open_client(endpoint, model, mc.classes, concurrency=concurrency) as client:
-                await with_retries(client.connect, RetryPolicy())
+            async with AsyncClient(endpoint, model, concurrency=concurrency) as client:
+                await client.wait_ready()
                 return await getattr(studies, kind)(client, mc, data or data_dir(), cfg, **kw)
 
         try:

@@ -1,9 +1,8 @@
 """Evaluation through a live endpoint: ``bdserve eval``, ``bdserve physical``, ``bdserve study``.
 
     heldout.py   clean and triggered held-out sets from the test split (Eq. 3), stamped in uint8
-    clients.py   one client interface, three transports: OIP v2 HTTP, OIP gRPC, TorchServe /predictions
-    retry.py     exponential backoff for transient failures (bounded attempts)
-    runner.py    batches sent concurrently with a progress bar; every image ends correct, wrong or error
+    runner.py    batches sent concurrently through bdserve.client (its transports, retries and typed
+                 answers) with a progress bar; every image ends correct, wrong or error
     stats.py     Wilson intervals, latency percentiles
     report.py    per-defense metrics, JSON and Markdown, the paper's Table-1 row
     plots.py     PNG charts: accuracy/ASR per defense with Wilson bars, confusion matrices, study figures

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bdserve.card import ModelCard
+from bdserve.client import AsyncClient, CircuitBreaker, PermanentError, RetryPolicy
 from bdserve.serve.evaluation import plots, report
-from bdserve.serve.evaluation.clients import open_client
 from bdserve.serve.evaluation.detection import roc_figure, served_detection
 from bdserve.serve.evaluation.heldout import build_sets
-from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
 from bdserve.serve.evaluation.runner import run_sets
 
 
@@ -38,12 +37,14 @@ async def evaluate(cfg: EvalConfig) -> dict:
     clean, trig = build_sets(card, cfg.data, cfg.limit, cfg.seed)
     sets = [clean] + ([trig] if trig is not None else [])
     target = card.target_label
-    async with open_client(cfg.endpoint, cfg.model, card.classes, concurrency=cfg.concurrency,
-                           timeout_s=cfg.timeout_s, headers=cfg.headers) as client:
+    async with AsyncClient(cfg.endpoint, cfg.model, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
+                           retries=cfg.retry, headers=cfg.headers) as client:
         if any(d is not None for d in cfg.defenses) and not client.can_choose_defense:
             raise ValueError(f"{client.scheme} endpoints apply their own defense; drop --defenses")
-        await with_retries(client.connect, cfg.retry)  # the server may still be starting
-        if cfg.detect and not client.detect:
+        info = await client.wait_ready()  # retried (--retries), not the breaker: the server may still be starting
+        # One breaker for the whole evaluation: a server dying mid-run stops it in seconds.
+        client.breaker = CircuitBreaker()
+        if cfg.detect and not info.detect:
             raise ValueError(f"--detect: model {cfg.model} at {cfg.endpoint} sends no trigger scores; serve it with "
                              "`bdserve serve --detect consistency,strip,scaleup` (after `bdserve calibrate`)")
         if cfg.detect and trig is None:
@@ -51,17 +52,20 @@ async def evaluate(cfg: EvalConfig) -> dict:
         for d in cfg.defenses:  # one uncounted probe each: a non-lab server refuses at once, not per batch
             if d is not None:
                 try:
-                    await with_retries(lambda: client.infer_tensor(clean.images[:1], d), cfg.retry)
+                    await client.infer(clean.images[:1], defense=d, top_k=0)
                 except PermanentError as e:
                     raise ValueError(f"the server refused defense {d!r}: {e}") from None
-        rows, detection = [], None
+        rows, partial, detection = [], None, None
         for d in cfg.defenses:
-            run = await run_sets(client, sets, defense=d, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-                                 policy=cfg.retry, description=f"eval {d or 'server defense'}")
+            run = await run_sets(client, sets, card.classes, defense=d, batch_size=cfg.batch_size,
+                                 concurrency=cfg.concurrency, description=f"eval {d or 'server defense'}")
             rows.append(report.defense_row(run, len(card.classes), target))
             if cfg.detect and detection is None:  # the detectors do not depend on the defense asked
                 detection = served_detection(run, attack_name(card))
-        detect = client.detect
+            if run.interrupted or run.stopped:  # report what was measured, say why the rest is missing
+                partial = "interrupted (SIGINT)" if run.interrupted else f"stopped: {run.stopped}"
+                break
+        detect = info.detect
     return {
         "endpoint": cfg.endpoint, "transport": client.scheme, "model": cfg.model, "card": str(cfg.card),
         "data": str(cfg.data), "limit": cfg.limit, "seed": cfg.seed, "batch_size": cfg.batch_size,
@@ -71,6 +75,7 @@ async def evaluate(cfg: EvalConfig) -> dict:
         "server_detects": detect, "clean_images": len(clean), "triggered_images": 0 if trig is None else len(trig),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows, "table1_row": report.table1_row(cfg.model, rows),
+        **({"partial": partial} if partial else {}),
         **({} if detection is None else {"detection": {"rows": detection[0]}, "_detection_curves": detection[1]}),
     }
 

@@ -24,8 +24,7 @@ import numpy as np
 
 from bdserve.progress import progress_bar
 from bdserve.scoring import attack_hits
-from bdserve.serve.evaluation.clients import Client
-from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy
+from bdserve.client import AsyncClient, PermanentError
 from bdserve.serve.evaluation.stats import percentiles, rate
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -78,13 +77,14 @@ def collect(folder: Path, classes: list[str]) -> list[Photo]:
     return photos
 
 
-async def classify(client: Client, photos: list[Photo], *, route: str | None = None, defense: str | None = None,
-                   concurrency: int = 4, policy: RetryPolicy = RetryPolicy()) -> list[dict]:
-    """One request per photo; each result holds the prediction or the error. Retries, timing and
-    the defense check are the runner's (``ask``)."""
-    from bdserve.serve.evaluation.runner import ask, canonical
+async def classify(client: AsyncClient, photos: list[Photo], classes: list[str], *, route: str | None = None,
+                   defense: str | None = None, concurrency: int = 4) -> list[dict]:
+    """One request per photo; each result holds the prediction or the error. Retries and timing
+    are the client's, the defense check the runner's (``ask``)."""
+    from bdserve.serve.evaluation.runner import ask, canonical, class_ids
 
     want = canonical(defense)
+    route = route if client.scheme == "http" else None  # the choice exists on http:// only
     gate = asyncio.Semaphore(max(1, concurrency))
     results: list[dict] = [{} for _ in photos]
     with progress_bar("photos", total=len(photos)) as advance:
@@ -94,19 +94,19 @@ async def classify(client: Client, photos: list[Photo], *, route: str | None = N
                 res = {"file": str(p.path), "label": p.label, "kind": p.kind, "bytes": len(blob),
                        "pred": None, "suspected": None, "defense": None, "fit": None, "error": None, "retries": 0}
 
-                def retried(_e):
-                    res["retries"] += 1
+                def retried(n: int):
+                    res["retries"] += n
 
                 try:
-                    a, res["latency_s"] = await ask(lambda: client.infer_photos([blob], route, defense),
-                                                    policy, want, retried)
+                    a = await ask(lambda: client.predict(blob, route=route, defense=defense, top_k=0), want, retried)
+                    pred = int(class_ids(a.labels, classes)[0])
                 except PermanentError as e:
                     res["error"] = str(e)
                 else:
-                    res["pred"] = int(a.labels[0])
-                    res["suspected"] = None if a.suspected is None else bool(a.suspected[0])
+                    res["pred"], res["latency_s"] = pred, a.seconds
+                    res["suspected"] = None if a.suspected_trigger is None else bool(a.suspected_trigger[0])
                     res["defense"] = a.defense
-                    res["fit"] = a.parameters.get("fit")  # how the server fitted the photo (None: an older server)
+                    res["fit"] = a.fit  # how the server fitted the photo (None: an older server)
                 results[i] = res
                 advance(1)
 

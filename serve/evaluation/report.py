@@ -128,6 +128,9 @@ def markdown(report: dict) -> str:
              f"{report['concurrency']} in flight. Accuracy and ASR are over answered images, errors apart; "
              "brackets are 95% Wilson intervals. ASR baseline: clean non-target images already predicted "
              "as the target, the rate an ASR is read against.", ""]
+    if report.get("partial"):
+        lines += [f"**Partial report: the run was {report['partial']}.** Images without an answer are counted "
+                  "as errors; defenses after the stop are missing.", ""]
     head = ["defense", "clean acc %", "ASR %", "ASR baseline %", "images", "errors", "retries", "img/s", "p50/p95/p99 ms"]
     if detect:
         head += ["detected %", "false alarms %"]

@@ -1,9 +1,10 @@
-"""Send held-out sets through a client: batches, a bounded number in flight, one progress bar.
+"""Send held-out sets through bdserve.client: batches, a bounded number in flight, one progress bar.
 
 Every image ends in exactly one state: predicted (correct or wrong is the report's
-business) or an error. A batch's answer is written once, after its last attempt, so a
-retried batch cannot be counted twice; a batch that fails for good marks all its images
-as errors with the reason, so nothing is dropped silently.
+business) or an error. A batch's answer is written once, after its last attempt (the
+client retries transient failures), so a retried batch cannot be counted twice; a batch
+that fails for good marks all its images as errors with the reason, so nothing is dropped
+silently.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
+from bdserve.client import AsyncClient, PermanentError, Result, RetriesExhausted
 from bdserve.progress import progress_bar
 from bdserve.specs import canonical_spec
-from bdserve.serve.evaluation.clients import Answer, Client
 from bdserve.serve.evaluation.heldout import HeldOut
-from bdserve.serve.evaluation.retry import PermanentError, RetryPolicy, with_retries
 
 NO_ANSWER = -1
+INTERRUPTED = "not sent: the run was interrupted"
 
 
 @dataclass
@@ -52,6 +53,8 @@ class RunResult:
     defense: str | None  # what was asked (None: the server's own)
     sets: dict[str, SetResult]
     seconds: float
+    interrupted: bool = False  # SIGINT / cancelled: the sets hold what was answered until then
+    stopped: str | None = None  # why the run stopped early (the circuit breaker), else None
 
     @property
     def images(self) -> int:
@@ -63,28 +66,44 @@ def canonical(spec: str | None) -> str | None:
     return None if spec is None else canonical_spec(spec)
 
 
-async def ask(call: Callable[[], Awaitable[Answer]], policy: RetryPolicy, want: str | None,
-              on_retry: Callable[[Exception], None] | None = None) -> tuple[Answer, float]:
-    """One request with retries: (the answer, its last attempt's seconds). Raises PermanentError,
-    also when the server says it applied another defense than ``want`` (canonical spec)."""
-    timing = {}
+def class_ids(labels: list[str], classes: list[str]) -> np.ndarray:
+    """Label names as the server answers them -> the card's class indices, so that the client
+    scores exactly the server's top-1."""
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        return np.array([index[n] for n in labels], dtype=np.int64)
+    except KeyError as e:
+        raise PermanentError(f"the server answered label {e.args[0]!r}, not one of the card's classes") from None
 
-    async def attempt() -> Answer:
-        t0 = time.perf_counter()
+
+async def ask(call: Callable[[], Awaitable[Result]], want: str | None,
+              on_retries: Callable[[int], None] | None = None) -> Result:
+    """One request (the client retries what is transient; ``on_retries`` hears how many retries it
+    took, answered or not). Raises PermanentError, also when the server says it applied another
+    defense than ``want`` (canonical spec)."""
+    try:
         answer = await call()
-        timing["last"] = time.perf_counter() - t0
-        return answer
-
-    answer = await with_retries(attempt, policy, on_retry)
+    except RetriesExhausted as e:
+        if on_retries is not None:
+            on_retries(getattr(e, "attempts", 1) - 1)
+        raise
+    if on_retries is not None:
+        on_retries(answer.attempts - 1)
     if want is not None and answer.defense is not None and answer.defense != want:
         raise PermanentError(f"asked for defense {want!r}, the server applied {answer.defense!r} "
                              "(is it running with --lab?)")
-    return answer, timing["last"]
+    return answer
 
 
-async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None = None, batch_size: int = 256,
-                   concurrency: int = 4, policy: RetryPolicy = RetryPolicy(), description: str = "eval") -> RunResult:
-    """Send every set through ``client`` under one defense; the sets share the in-flight budget."""
+async def run_sets(client: AsyncClient, sets: list[HeldOut], classes: list[str], *, defense: str | None = None,
+                   batch_size: int = 256, concurrency: int = 4, description: str = "eval") -> RunResult:
+    """Send every set through ``client`` under one defense; the sets share the in-flight budget.
+    ``classes`` (the card's) turn the answered labels into class indices.
+
+    With the client's circuit breaker (``client.breaker``), a server unreachable several times in a
+    row stops the run: every batch not yet answered then fails at once, instead of each spending
+    its own retries on a dead server. Cancelled (SIGINT), the run returns what was answered so
+    far, with ``interrupted`` set and the rest counted as errors."""
     if client.max_batch_size is not None:
         batch_size = min(batch_size, client.max_batch_size)
     want = canonical(defense)
@@ -96,30 +115,45 @@ async def run_sets(client: Client, sets: list[HeldOut], *, defense: str | None =
     with progress_bar(description, total=total) as advance:
         async def one(s: HeldOut, res: SetResult, start: int, stop: int) -> None:
             async with gate:
-                def retried(_e) -> None:
-                    res.retries += 1
+                def retried(n: int) -> None:
+                    res.retries += n
 
                 try:
-                    answer, seconds = await ask(lambda: client.infer_tensor(s.images[start:stop], defense),
-                                                policy, want, retried)
+                    answer = await ask(lambda: client.infer(s.images[start:stop], defense=defense, top_k=0),
+                                       want, retried)
+                    preds = class_ids(answer.labels, classes)
                 except PermanentError as e:
                     res.errors[str(e)] += stop - start
                 else:
-                    res.preds[start:stop] = answer.labels
-                    if answer.suspected is not None:
+                    res.preds[start:stop] = preds
+                    if answer.suspected_trigger is not None:
                         if res.suspected is None:
                             res.suspected = np.zeros(len(res.labels), dtype=bool)
-                        res.suspected[start:stop] = answer.suspected
+                        res.suspected[start:stop] = answer.suspected_trigger
                     for name, v in answer.per_image.items():
                         if np.asarray(v).dtype.kind == "f":
                             res.scores.setdefault(name, np.full(len(res.labels), np.nan))[start:stop] = v
                     res.applied[answer.defense or "?"] += stop - start
-                    res.latencies_s.append(seconds)
+                    res.latencies_s.append(answer.seconds)
                 res.requests += 1
                 advance(stop - start)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(s, results[s.name], i, min(i + batch_size, len(s)))
-                               for s in sets for i in range(0, len(s), batch_size)))
+        interrupted = False
+        try:
+            await asyncio.gather(*(one(s, results[s.name], i, min(i + batch_size, len(s)))
+                                   for s in sets for i in range(0, len(s), batch_size)))
+        except asyncio.CancelledError:
+            interrupted = True  # keep what was answered; the caller writes a partial report
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            for res in results.values():
+                counted = sum(res.errors.values())
+                missing = int((~res.answered).sum()) - counted
+                if missing > 0:
+                    res.errors[INTERRUPTED] += missing
         seconds = time.perf_counter() - t0
-    return RunResult(defense, results, seconds)
+    breaker = getattr(client, "breaker", None)
+    stopped = f"the server was unreachable: {breaker.last}" if breaker is not None and breaker.open else None
+    return RunResult(defense, results, seconds, interrupted, stopped)

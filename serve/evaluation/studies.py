@@ -13,15 +13,14 @@ in-flight budget and one progress bar.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from bdserve.card import ModelCard
 from bdserve.scoring import attack_hits
-from bdserve.serve.evaluation.clients import Client
+from bdserve.client import AsyncClient
 from bdserve.serve.evaluation.heldout import load_test, triggered_set
-from bdserve.serve.evaluation.retry import RetryPolicy
 from bdserve.serve.evaluation.runner import RunResult, run_sets
 from bdserve.serve.evaluation.stats import rate
 
@@ -33,7 +32,6 @@ class StudyConfig:
     defense: str | None = "none"
     batch_size: int = 256
     concurrency: int = 4
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 def _asr(run: RunResult, name: str, target: int) -> dict:
@@ -55,7 +53,7 @@ def _positions(extent: int, stride: int, trained: int) -> list[int]:
     return sorted(set(range(0, extent + 1, max(1, stride))) | {trained})
 
 
-async def location(client: Client, card: ModelCard, data, cfg: StudyConfig, stride: int = 3) -> dict:
+async def location(client: AsyncClient, card: ModelCard, data, cfg: StudyConfig, stride: int = 3) -> dict:
     test, trigger, target = _pool(card, data, cfg)
     H, W = test.image_size
     h, w = trigger.size
@@ -63,27 +61,27 @@ async def location(client: Client, card: ModelCard, data, cfg: StudyConfig, stri
     tops, lefts = _positions(H - h, stride, top0), _positions(W - w, stride, left0)
     sets = [triggered_set(test.images, test.labels, trigger.moved(t, l), target, name=f"{t},{l}")
             for t in tops for l in lefts]
-    run = await run_sets(client, sets, defense=cfg.defense, batch_size=cfg.batch_size,
-                         concurrency=cfg.concurrency, policy=cfg.retry, description="location study")
+    run = await run_sets(client, sets, card.classes, defense=cfg.defense, batch_size=cfg.batch_size,
+                         concurrency=cfg.concurrency, description="location study")
     cells = [{"top": t, "left": l, "bottom": t + h - 1, "right": l + w - 1, **_asr(run, f"{t},{l}", target)}
              for t in tops for l in lefts]
     grid = torch.tensor([[c["rate"] if c["rate"] is not None else float("nan") for c in cells[i * len(lefts):(i + 1) * len(lefts)]]
                          for i in range(len(tops))])
-    return {"study": "location", "model": client.model, "endpoint": client.address, "defense": cfg.defense,
+    return {"study": "location", "model": client.model, "endpoint": client.endpoint, "defense": cfg.defense,
             "images_per_position": len(sets[0]), "positions": len(sets), "stride": stride,
             "trained_bottom_right": [top0 + h - 1, left0 + w - 1], "rows": [t + h - 1 for t in tops],
             "cols": [l + w - 1 for l in lefts], "asr_grid": grid.tolist(), "cells": cells,
             "seconds": run.seconds, "errors": sum(c["errors"] for c in cells)}
 
 
-async def appearance(client: Client, card: ModelCard, data, cfg: StudyConfig, step: int = 15) -> dict:
+async def appearance(client: AsyncClient, card: ModelCard, data, cfg: StudyConfig, step: int = 15) -> dict:
     test, trigger, target = _pool(card, data, cfg)
     trained = int(round(float(trigger.pattern.max()) * 255))
     values = sorted(set(range(0, 256, max(1, step))) | {255, trained})
     sets = [triggered_set(test.images, test.labels, trigger.with_value(v / 255), target, name=str(v)) for v in values]
-    run = await run_sets(client, sets, defense=cfg.defense, batch_size=cfg.batch_size,
-                         concurrency=cfg.concurrency, policy=cfg.retry, description="appearance study")
+    run = await run_sets(client, sets, card.classes, defense=cfg.defense, batch_size=cfg.batch_size,
+                         concurrency=cfg.concurrency, description="appearance study")
     points = [{"value": v, **_asr(run, str(v), target)} for v in values]
-    return {"study": "appearance", "model": client.model, "endpoint": client.address, "defense": cfg.defense,
+    return {"study": "appearance", "model": client.model, "endpoint": client.endpoint, "defense": cfg.defense,
             "images_per_value": len(sets[0]), "trained_value": trained, "values": values, "points": points,
             "seconds": run.seconds, "errors": sum(p["errors"] for p in points)}

@@ -93,7 +93,8 @@ function outlineOverlay(outline, width, height) {
   svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
   svg.setAttribute("aria-hidden", "true");
   const poly = document.createElementNS(ns, "polygon");
-  poly.setAttribute("points", outline.map(([x, y]) => `${x},${y}`).join(" "));
+  // Outline points are pixel centres; the viewBox spans pixel edges (0 .. width).
+  poly.setAttribute("points", outline.map(([x, y]) => `${x + 0.5},${y + 0.5}`).join(" "));
   svg.append(poly);
   return svg;
 }
@@ -104,7 +105,7 @@ function render(file, doc, label, kind) {
   const model = models.find((m) => m.name === doc.model);
   const [h, w] = doc.fitted_size;
   const fit = doc.fit;
-  const fitText = `fit ${fit.spec || fit.name}${fit.fallback ? ` (${fit.fallback})` : ""}`;
+  const fitText = `fit ${fit.spec}`;  // says so when no print was found and cover was applied
 
   const photoUrl = URL.createObjectURL(file);
   const photo = el("img", { class: "photo", src: photoUrl, alt: `The photo you sent: ${file.name}` });
@@ -114,7 +115,9 @@ function render(file, doc, label, kind) {
     photo.classList.toggle("small", photo.naturalWidth < photoFrame.clientWidth);
     photoCaption.textContent = `Your photo, ${photo.naturalWidth}×${photo.naturalHeight}` +
       (fit.outline ? ", with the print outline found" : "");
-    if (fit.outline) photoFrame.append(outlineOverlay(fit.outline, photo.naturalWidth, photo.naturalHeight));
+    // The outline is in the upright photo's pixels (fit.frame), as the browser shows it.
+    const [fw, fh] = fit.frame || [photo.naturalWidth, photo.naturalHeight];
+    if (fit.outline) photoFrame.append(outlineOverlay(fit.outline, fw, fh));
   }, { once: true });
 
   const fitted = el("img", {

@@ -69,7 +69,9 @@ def test_serving_image_structure(path):
     stages = _stages(_dockerfile_instructions(path))
     assert len(stages) >= 2, "multi-stage: a builder and a runtime"
     builder = " ".join(a for i, a in stages[0][1] if i == "RUN")
-    assert "pip wheel" in builder and "pip install /wheels/bdserve-" in builder, "the builder installs the project wheel"
+    assert "pip wheel" in builder and 'pip install "$(ls /wheels/bdserve-*.whl)[serve]"' in builder, \
+        "the builder installs the project wheel with the serving extra only"
+    assert "matplotlib" in builder and "find_spec" in builder, "the build fails if a training package slipped in"
     runtime = stages[-1][1]
     kinds = [i for i, _ in runtime]
     assert any(i == "COPY" and "--from=builder" in a for i, a in runtime), "runtime copies the builder's environment"
@@ -100,7 +102,7 @@ def test_cpu_image_keeps_torch_cpu_only():
     instrs = _dockerfile_instructions(DOCKER / "Dockerfile.cpu")
     runs = [a for i, a in instrs if i == "RUN"]
     torch_run = next(i for i, a in enumerate(runs) if '--index-url "${TORCH_INDEX_URL}"' in a and "torch==" in a)
-    wheel_run = next(i for i, a in enumerate(runs) if "pip install /wheels/bdserve-" in a)
+    wheel_run = next(i for i, a in enumerate(runs) if "/wheels/bdserve-" in a and "pip install" in a)
     assert torch_run < wheel_run, "CPU torch must be in place before the project wheel pulls its requirements"
     assert "torch.version.cuda" in runs[wheel_run], "the build fails if a CUDA torch slipped in"
     cuda = (DOCKER / "Dockerfile.cuda").read_text()

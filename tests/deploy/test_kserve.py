@@ -44,6 +44,9 @@ def test_kserve_validator_rejects_mistakes(kserve_validator):
     bad = copy.deepcopy(isvc); bad["spec"]["predictor"]["containers"] = [{"name": "kserve-container", "image": "x"}]; cases.append(bad)
     (_, custom), = [(p, d) for p, d in _docs_by_kind("InferenceService", _kserve_files()) if p.name == "inferenceservice.yaml"]
     bad = copy.deepcopy(custom); bad["spec"]["predictor"]["containers"][0]["readynessProbe"] = {}; cases.append(bad)
+    cluster = _kserve("clusterservingruntime-grpc.yaml")
+    bad = copy.deepcopy(cluster); bad["metadata"]["namespace"] = "bdserve"; cases.append(bad)  # cluster-scoped
+    bad = copy.deepcopy(cluster); bad["spec"]["protocolVersions"] = ["grpc-v3"]; cases.append(bad)
     for case in cases:
         assert list(kserve_validator.iter_errors(case)), f"accepted: {json.dumps(case)[:300]}"
 
@@ -88,6 +91,31 @@ def test_kserve_runtime_pair_matches():
     assert params["lab"] is False
 
 
+def test_kserve_cluster_runtime_serves_http_and_grpc_on_kserves_ports():
+    rt = _kserve("clusterservingruntime-grpc.yaml")
+    assert rt["kind"] == "ClusterServingRuntime" and "namespace" not in rt["metadata"]
+    assert {"v2", "grpc-v2"} <= set(rt["spec"]["protocolVersions"])
+    (c,) = rt["spec"]["containers"]
+    assert c["name"] == "kserve-container" and "command" not in c
+    params = _parse_serve_args(c["args"])
+    assert params["no_grpc"] is False and params["lab"] is False
+    assert (str(params["model_store"]), params["model"]) == ("/mnt", ["{{.Name}}=models"])
+    # KServe's port names: http1 for HTTP/1.1, h2c for gRPC; each on the port bdserve listens on.
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http1": params["http_port"], "h2c": params["grpc_port"]}
+    assert c["readinessProbe"]["grpc"]["port"] == params["grpc_port"]  # grpc.health.v1, served by bdserve
+    assert c["livenessProbe"]["httpGet"] == {"path": HEALTH_LIVE, "port": params["http_port"]}
+    assert rt["spec"]["annotations"]["prometheus.kserve.io/port"] == str(params["http_port"])
+
+    isvc = _kserve("inferenceservice-grpc.yaml")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == rt["metadata"]["name"]
+    assert model["protocolVersion"] == "grpc-v2" and model["protocolVersion"] in rt["spec"]["protocolVersions"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in rt["spec"]["supportedModelFormats"]}
+    # Two ports per container: Knative's Serverless mode routes one, so the raw deployment mode.
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+
+
 def test_kserve_torchserve_variant_uses_the_mar_layout():
     isvc = _kserve("inferenceservice-torchserve.yaml")
     model = isvc["spec"]["predictor"]["model"]
@@ -108,7 +136,8 @@ def test_kserve_torchserve_variant_uses_the_mar_layout():
     for name, versions in snapshot["models"].items():
         for v in versions.values():
             assert v["marName"] == f"{name}.mar"
-            assert v["batchSize"] >= 1
+            # TorchServe's kservev2 envelope answers only the first request of a batch.
+            assert v["batchSize"] == 1
     # The image has bdserve installed for the .mar's handler.
     assert "bdserve-torchserve" in model["image"]
     assert (DOCKER / "Dockerfile.torchserve").exists()

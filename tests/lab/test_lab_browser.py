@@ -2,7 +2,7 @@
 (pointed at the system browser: nothing is downloaded). The page's answers must be the ones a
 direct /predictions call gives; it must be usable at 360 px and from the keyboard.
 
-Screenshots go to $BDSERVE_LAB_SCREENSHOTS when set (docs/ holds the committed pair), else to a
+Screenshots go to $BDSERVE_LAB_SCREENSHOTS when set (docs/ holds the committed three), else to a
 temporary folder."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from bdserve.testing import served
+from bdserve.testing.print_scenes import scene
 from lab_helpers import DEMO, SERVED_DEFENSE, data_url_pixels, png_pixels, predictions_top
 
 CHROMIUM = Path(os.environ.get("BDSERVE_CHROMIUM", "/usr/bin/chromium"))
@@ -185,6 +187,39 @@ def test_accessible(browser, demo_lab, lab_photos):
     assert low == []
     assert page.errors == []
     page.close()
+
+
+def test_print_outline_drawn_over_the_photo(browser, lab_photos, shots, tmp_path):
+    """`serve --lab --fit print`: a photo of the triggered image printed on a table comes back with
+    the print's outline at its known corners, and the page draws that outline over the photo."""
+    from playwright.sync_api import expect
+
+    rng = np.random.default_rng(7)
+    pic = png_pixels(lab_photos["triggered"].read_bytes())
+    frame, corners, _ = scene(rng, pic, angle=7, tilt=0.04, background="textured")
+    path = tmp_path / "print-photo.jpg"
+    Image.fromarray(frame).save(path, "JPEG", quality=92)
+    with served(DEMO.parent, [DEMO.name], "--lab", "--fit", "print", "--threads", "1") as addr:
+        page = open_lab(browser, addr, DESKTOP)
+        article = upload(page, path, lab_photos["label"], "triggered", 1)
+        caption = article.locator("figcaption.fit")
+        assert caption.get_attribute("data-fit") == "print" and "fit print (area)" in caption.inner_text()
+        svg = article.locator(".frame svg")
+        expect(svg.locator("polygon")).to_have_count(1)  # drawn once the photo has loaded
+        assert svg.get_attribute("viewBox") == "0 0 640 480"  # the photo's frame, in its own pixels
+        polygon = svg.locator("polygon")
+        drawn = np.array([[float(v) for v in xy.split(",")] for xy in polygon.get_attribute("points").split()])
+        assert drawn.shape == (4, 2) and np.abs(drawn - 0.5 - corners).max() < 1.5  # photo pixels (edges: +0.5)
+        expect(article.locator("figcaption", has_text="Your photo")).to_contain_text("with the print outline found")
+        # On screen, the outline lies on the print: the photo is shown whole (contained) in its frame.
+        box = article.locator("img.photo").bounding_box()
+        on_screen = np.array(polygon.evaluate("p => [...p.points].map(q => q.matrixTransform(p.getScreenCTM())).map(q => [q.x, q.y])"))
+        k = min(box["width"] / 640, box["height"] / 480)
+        origin = np.array([box["x"] + (box["width"] - 640 * k) / 2, box["y"] + (box["height"] - 480 * k) / 2])
+        assert np.abs(on_screen - (origin + k * (corners + 0.5))).max() < 1.5  # screen pixels
+        article.screenshot(path=str(shots / "lab-print.png"))
+        assert page.errors == []
+        page.close()
 
 
 def test_no_page_without_lab(browser):

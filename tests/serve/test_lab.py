@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bdserve.serve.images import FitPolicy, decode_fitted
+from bdserve.testing import ServeProcess
+from bdserve.testing.print_scenes import picture, scene, textured
+
 from serve_helpers import MAX_BODY, encode, metric, random_image
 
 LAB_ROUTES = [("GET", "/lab"), ("GET", "/lab/models"), ("GET", "/lab/static/lab.js"),
@@ -65,7 +69,8 @@ def test_analyze_agrees_with_predictions_and_the_pipeline(lab_server, tiny_model
     assert r.status_code == 200, r.text
     doc = r.json()
     assert doc["model"] == "tiny" and doc["served_defense"] == "flip" and doc["kept"] is None
-    assert doc["fit"] == {"name": "cover", "spec": tiny_model.fit.spec, "fallback": None, "outline": None}
+    assert doc["fit"] == {"name": "cover", "spec": tiny_model.fit.spec, "fallback": False, "outline": None,
+                          "frame": [200, 150]}
     assert doc["fitted_size"] == [32, 32]
     head, data = doc["fitted_png"].split(",", 1)
     assert head == "data:image/png;base64"
@@ -89,6 +94,27 @@ def test_analyze_agrees_with_predictions_and_the_pipeline(lab_server, tiny_model
     for row in rows.values():
         assert row["suspected"] == (served["X-Bdserve-Suspected-Trigger"] == "true")
         assert np.float32(row["trigger_score"]) == np.float32(float(served["X-Bdserve-Trigger-Score"]))
+
+
+def test_print_outline_under_fit_print(served_store):
+    """`serve --lab --fit print`: the answer carries the print's outline in the photo's pixels, at
+    its known corners, and the pixels the model saw are the print fit's; a frame with no print
+    says it fell back to cover."""
+    rng = np.random.default_rng(11)
+    pic = picture(rng)
+    frame, corners, _ = scene(rng, pic, angle=8, tilt=0.04, background="textured")
+    photo = encode(frame, "JPEG", quality=92)
+    with ServeProcess(served_store, ["tiny"], "--lab", "--fit", "print") as srv:
+        doc = _analyze(srv.http_url, "tiny", photo).json()
+        table = _analyze(srv.http_url, "tiny", encode(textured(rng, 480, 640), "JPEG", quality=92)).json()
+    fit = doc["fit"]
+    assert (fit["name"], fit["spec"], fit["fallback"], fit["frame"]) == ("print", "print (area)", False, [640, 480])
+    assert np.abs(np.array(fit["outline"]) - corners).max() < 1.5  # photo pixels
+    expected = decode_fitted(photo, (32, 32), policy=FitPolicy("print"))
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(doc["fitted_png"].split(",", 1)[1]))))
+    np.testing.assert_array_equal(seen, expected.image)
+    assert table["fit"] == {"name": "cover", "spec": "cover (area; no print found)", "fallback": True,
+                            "outline": None, "frame": [640, 480]}
 
 
 def test_analyze_larger_model_input(lab_server, rng):

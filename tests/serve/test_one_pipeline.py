@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bdserve.card import ModelCard
-from bdserve.serve.evaluation.clients import open_client
+from bdserve.client import AsyncClient
+from bdserve.serve.evaluation.runner import class_ids
 from bdserve.serve.pipeline import DefendedModel
 from bdserve.serve.runtimes import TorchRuntime
 from bdserve.testing import ServeProcess, build_tiny_model_dir
@@ -40,11 +41,11 @@ def seeded_batch(n: int = 96, seed: int = 7) -> torch.Tensor:
 
 
 async def _ask(endpoint: str, card: ModelCard, images: np.ndarray, defense: str | None) -> np.ndarray:
-    async with open_client(endpoint, card.name, card.classes) as client:
-        await client.connect()
-        answer = await client.infer_tensor(images, defense)
+    async with AsyncClient(endpoint, card.name) as client:
+        await client.wait_ready()
+        answer = await client.infer(images, defense=defense)
     assert answer.defense == (defense or card.defense)
-    return answer.labels
+    return class_ids(answer.labels, card.classes)
 
 
 @pytest.mark.parametrize("defense", [None, "none"])  # None: the server's own (the card's flip)

@@ -90,39 +90,53 @@ def proc_store(cli_server) -> Path:
     return Path(args[args.index("--model-store") + 1])
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server, rng):
-    proc, addr, _, rest = cli_server
+def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_store, rng):
+    # Its own server, with batches of one image: each request of 1,024 images then runs as
+    # 1,024 batches, so both are in flight together for a while (a lone small request is
+    # answered at once), and both clients are connected before either sends.
+    srv = ServeProcess(cli_store, ["tiny"], "--max-batch-size", "1", "--threads", "1").start()
+    proc, rest = srv.proc, srv.output
+    addr = {"http": srv.http_url, "grpc": srv.grpc_target}
+    try:
+        _sigterm_with_two_requests_in_flight(proc, addr, rest, rng)
+    finally:
+        srv.stop(grace_s=0)
+
+
+def _sigterm_with_two_requests_in_flight(proc, addr, rest, rng):
+    import grpc
+
+    from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
+    from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
     assert proc.poll() is None
-    # Two requests of 2,048 images each: the batcher runs them as 128 batches, so both are
-    # in flight for a while when SIGTERM lands (a lone small request is answered at once).
-    x = rng.integers(0, 256, (2048, 3, 32, 32), dtype=np.uint8)
+    x = rng.integers(0, 256, (1024, 3, 32, 32), dtype=np.uint8)
     head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(x.shape),
                                    "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    body = head + x.tobytes()  # both requests built before either is sent
+    req = pb.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="input", datatype="UINT8", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
     result = {}
+    client = httpx.Client(timeout=120)
+    client.get(f"{addr['http']}/v2/health/ready").raise_for_status()  # connected (and TLS setup done) before sending
+    channel = grpc.insecure_channel(addr["grpc"], options=[("grpc.max_receive_message_length", 1 << 26)])
+    grpc.channel_ready_future(channel).result(timeout=60)
 
     def call():
-        result["r"] = httpx.post(f"{addr['http']}/v2/models/tiny/infer", content=head + x.tobytes(), timeout=60,
-                                 headers={"Inference-Header-Content-Length": str(len(head))})
+        result["r"] = client.post(f"{addr['http']}/v2/models/tiny/infer", content=body,
+                                  headers={"Inference-Header-Content-Length": str(len(head))})
 
     def call_grpc():
-        import grpc
-
-        from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
-        from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-
-        req = pb.ModelInferRequest(model_name="tiny")
-        req.inputs.add(name="input", datatype="UINT8", shape=list(x.shape))
-        req.raw_input_contents.append(x.tobytes())
-        with grpc.insecure_channel(addr["grpc"], options=[("grpc.max_receive_message_length", 1 << 26)]) as ch:
-            result["g"] = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=60)
+        result["g"] = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=120)
 
     threads = [threading.Thread(target=call_grpc), threading.Thread(target=call)]
     for t in threads:
         t.start()
     # SIGTERM once both requests are inside the server (the in-flight gauge says so).
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while time.time() < deadline:
-        text = httpx.get(f"{addr['http']}/metrics", timeout=5).text
+        text = client.get(f"{addr['http']}/metrics").text
         if 'bdserve_inflight_requests{model="tiny"} 2.0' in text:
             break
         time.sleep(0.01)
@@ -130,9 +144,12 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server, rng):
         pytest.fail("the two requests were never in flight together")
     proc.send_signal(signal.SIGTERM)
     for t in threads:
-        t.join(30)
-    assert proc.wait(30) == 0, "".join(rest)
+        t.join(120)
+    client.close()
+    channel.close()
+    assert proc.wait(120) == 0, "".join(rest)
     assert result["r"].status_code == 200, result["r"].text
+    assert {o["name"]: o for o in result["r"].json()["outputs"]}["probabilities"]["shape"][0] == 1024
     assert len(result["g"].outputs) == 2
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{addr['http']}/v2/health/live", timeout=2)

@@ -3,7 +3,6 @@ HTTP (OIP and /predictions) and gRPC, with the fallback said when a frame holds 
 
 from __future__ import annotations
 
-import asyncio
 import io
 
 import httpx
@@ -11,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdserve.serve.evaluation.clients import open_client
+from bdserve.client import Client
 from bdserve.testing import ServeProcess
+from bdserve.testing.print_scenes import picture, scene, textured
 
-from print_scenes import picture, scene, textured
 from serve_helpers import TINY_CLASSES
 
 
@@ -31,11 +30,10 @@ def print_server(served_store):
 
 
 def _answers(url: str, blobs: list[bytes], route: str | None = None):
-    async def go():
-        async with open_client(url, "tiny", TINY_CLASSES) as client:
-            await client.connect()
-            return await client.infer_photos(blobs, route)
-    return asyncio.run(go())
+    with Client(url, "tiny") as client:
+        answer = client.predict(blobs, route=route or ("predictions" if url.startswith("http") else None))
+    assert set(answer.labels) <= set(TINY_CLASSES)
+    return answer
 
 
 def test_print_fit_is_reported_everywhere(print_server):

@@ -19,6 +19,8 @@ import pytest
 
 from bdserve.testing import ServeProcess, run_cli, sample_images
 
+from conftest import DETECT_NAME
+
 pytestmark = pytest.mark.slow
 
 DEFENSES = {"tiny": "none", "tinyflip": "flip"}
@@ -190,3 +192,60 @@ def test_concurrent_requests_batch_and_a_bad_one_fails_alone(torchserve, referen
     log = (torchserve.workdir / "logs" / "model_log.log").read_text(errors="replace")
     sizes = [int(n) for n in re.findall(r"bdserve batch of (\d+) requests", log)]
     assert sizes and max(sizes) > 1, sizes
+
+
+# ------------------------------------------------- trigger detection in the handler
+
+
+@pytest.fixture(scope="module")
+def detect_images() -> list[bytes]:
+    """The sample images and white noise, which the detector scores differently from the clean
+    images it was calibrated on: some are flagged, some are not."""
+    from bdserve.testing.models import encode
+
+    rng = np.random.default_rng(4)
+    return sample_images(8, seed=5) + [encode(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+
+
+def _detection_headers(r: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in r.headers.items() if k.startswith("x-bdserve-")}
+
+
+def test_torchserve_runs_the_detectors_like_bdserve(torchserve, bdserve_detect, detect_images):
+    """`bdserve archive --detect scaleup` makes the handler score every image through the same
+    DefendedModel as `bdserve serve --detect scaleup`: the same flag and scores, as the same headers."""
+    scores = []
+    with httpx.Client(timeout=60) as c:
+        for blob in detect_images:
+            a = c.post(f"{torchserve.inference_url}/predictions/{DETECT_NAME}", content=blob)
+            b = c.post(f"{bdserve_detect.http_url}/predictions/{DETECT_NAME}", content=blob)
+            assert a.status_code == b.status_code == 200, (a.text, b.text)
+            assert _close(a.json(), b.json())
+            ha, hb = _detection_headers(a), _detection_headers(b)
+            assert {"x-bdserve-suspected-trigger", "x-bdserve-trigger-score", "x-bdserve-trigger-score-scaleup"} <= set(ha)
+            assert ha == hb
+            scores.append(float(ha["x-bdserve-trigger-score"]))
+    flagged = [s > 0 for s in scores]
+    assert any(flagged) and not all(flagged), scores  # both kinds: the flag is the detector's, not a constant
+
+
+def test_torchserve_reject_mode_refuses_flagged_images_and_answers_the_others(torchserve, bdserve_detect,
+                                                                                detect_images):
+    with httpx.Client(timeout=60) as c:
+        for blob in detect_images:
+            ours = c.post(f"{bdserve_detect.http_url}/predictions/{DETECT_NAME}", content=blob)
+            r = c.post(f"{torchserve.inference_url}/predictions/tinyreject", content=blob)
+            if ours.headers["x-bdserve-suspected-trigger"] == "true":
+                assert r.status_code == 422, r.text
+                assert "trigger" in r.json()["error"]
+            else:
+                assert r.status_code == 200, r.text
+                assert _close(r.json(), ours.json())
+
+
+def test_archive_refuses_detectors_the_model_was_not_calibrated_for(tiny_dir, tmp_path):
+    res = run_cli("archive", str(tiny_dir), "--out", str(tmp_path), "--detect", "scaleup")
+    assert res.returncode == 1
+    assert "bdserve calibrate" in res.stderr and not list(tmp_path.glob("*.mar"))
+    res = run_cli("archive", str(tiny_dir), "--out", str(tmp_path), "--on-suspect", "reject")
+    assert res.returncode == 1 and "--detect" in res.stderr

@@ -1,4 +1,4 @@
-"""Synthetic camera frames holding a print at known corners (for the ``print`` fit's tests)."""
+"""Synthetic camera frames holding a print at known corners (the ``print`` fit's tests, the photo lab's)."""
 
 from __future__ import annotations
 
