@@ -25,7 +25,7 @@ def _yerr(rates: list[dict | None]) -> tuple[np.ndarray, np.ndarray]:
             continue
         v = 100 * r["rate"]
         a, b = r["ci95"]
-        vals.append(v), lo.append(v - 100 * a), hi.append(100 * b - v)
+        vals.append(v), lo.append(max(0.0, v - 100 * a)), hi.append(max(0.0, 100 * b - v))
     return np.array(vals), np.array([lo, hi])
 
 

@@ -20,7 +20,11 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0% and 100% the bound is exactly 0 or 1; rounding would otherwise leave it a hair inside,
+    # and a value outside its own interval breaks error bars.
+    lo = 0.0 if successes <= 0 else max(0.0, centre - half)
+    hi = 1.0 if successes >= n else min(1.0, centre + half)
+    return min(lo, p), max(hi, p)
 
 
 def rate(successes: int, n: int) -> dict:

@@ -23,6 +23,20 @@ def test_wilson_interval_known_values():
     assert percentiles([0.001, 0.002, 0.003])["p50"] == pytest.approx(2.0)
 
 
+def test_every_rate_lies_inside_its_interval_and_error_bars_are_never_negative():
+    # A run stopped early answers an arbitrary number of images, and at 0% or 100% rounding once left
+    # the bound a hair inside the value: matplotlib then refused the error bars and the eval exited 2.
+    from bdserve.serve.evaluation.plots import _yerr
+    from bdserve.serve.evaluation.stats import rate
+
+    for n in range(1, 3000):
+        for k in (0, 1, n // 2, n - 1, n):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+    _, err = _yerr([rate(0, n) for n in range(1, 3000)] + [rate(n, n) for n in range(1, 3000)])
+    assert (err >= 0).all()
+
+
 def test_uint8_stamp_is_exact_for_badnets_and_within_half_a_level_for_blended():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     exact = badnets().stamp(x.float() / 255)
