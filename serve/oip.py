@@ -37,7 +37,7 @@ from bdserve.serve.errors import InvalidInput, shown
 
 # ---------------------------------------------------------------- protocol names (the one place)
 TENSOR_INPUT = "input"  # UINT8 (0..255) or FP32 ([0, 1]) [B, C, H, W]
-IMAGE_INPUT = "image"  # BYTES [B]: encoded JPEG/PNG/WebP
+IMAGE_INPUT = "image"  # BYTES [B, 1] (or [B]): encoded JPEG/PNG/WebP, one per row
 OUTPUT_PROBS = "probabilities"
 OUTPUT_LABEL = "label"
 DEFENSE = "defense"  # request parameter (lab servers only) and response parameter
@@ -370,7 +370,9 @@ def model_inputs(model) -> list[dict]:
     c, (h, w) = model.channels, model.input_size
     # Send exactly one of these per request; "input" also accepts UINT8 (0..255).
     return [{"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, c, h, w]},
-            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
+            # [-1, 1], as Triton writes a batched input of dims [1]: perf_analyzer and tritonclient
+            # build requests from this shape; [B] is accepted as well.
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]}]
 
 
 def _config_tensor(t: dict, batched: bool) -> dict:

@@ -170,7 +170,7 @@ class InferenceService:
                                f"(UINT8/FP32 [B,3,H,W]) or {oip.IMAGE_INPUT!r} (BYTES, encoded images)")
         if t.datatype == "BYTES":
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-                raise InvalidInput(f"BYTES input must have shape [B] (one encoded image per element), got {shape}")
+                raise InvalidInput(f"BYTES input must have shape [B] or [B, 1] (one encoded image per element), got {shape}")
             if not t.value:
                 raise InvalidInput("no images in the request")
             return list(t.value)
