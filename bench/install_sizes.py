@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import zipfile
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
+
+from bdserve.testing.resolver import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "install_sizes.json"
 CUDA_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$", re.IGNORECASE)  # PyPI's CUDA torch and what it pulls in
-
-
-def resolve(extra: str) -> list[tuple[str, str]]:
-    """(name, version) of every distribution pip would install for bdserve[extra] into an empty environment."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-",
-         f"{REPO}[{extra}]"], capture_output=True, text=True, check=True)
-    report = json.loads(proc.stdout)
-    return [(i["metadata"]["name"], i["metadata"]["version"]) for i in report["install"]]
 
 
 def installed_bytes(name: str) -> tuple[int, str | None]:
@@ -60,8 +52,8 @@ def wheel_bytes(path: Path) -> int:
 
 def measure(extra: str, cpu_torch_mb: float | None) -> dict:
     rows, missing = [], []
-    for name, version in resolve(extra):
-        if name.lower() == "bdserve":
+    for name, version in resolve(f"{REPO}[{extra}]").items():
+        if name == "bdserve":
             continue  # the project itself (editable here; a few hundred kB as a wheel)
         size, have = installed_bytes(name)
         if have is None:

@@ -55,7 +55,13 @@ class OnnxRuntime(Runtime):
     platform = "onnxruntime_onnx"
 
     def __init__(self, path: str | Path, device: torch.device, threads: int | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as missing:
+            raise RuntimeError(f"{path}: ONNX models need ONNX Runtime; install bdserve[serve] (CPU) "
+                               "or bdserve[serve-cuda] (onnxruntime-gpu)") from missing
+        if device.type == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from torch's nvidia-* wheels: the image's one CUDA stack
 
         opts = ort.SessionOptions()
         if threads:

@@ -25,14 +25,27 @@ def _names(requirements: list[str]) -> set[str]:
     return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in requirements}
 
 
+def _expanded(extras: dict, extra: str) -> list[str]:
+    """An extra's requirements with its ``bdserve[...]`` self-references followed."""
+    out = []
+    for r in extras[extra]:
+        own = re.fullmatch(r"bdserve\[(.+)\]", r)
+        out += [x for e in own.group(1).split(",") for x in _expanded(extras, e)] if own else [r]
+    return out
+
+
 def test_the_serve_install_leaves_out_the_training_and_plotting_packages():
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     extras = project["optional-dependencies"]
-    serving = _names(project["dependencies"] + extras["serve"])
-    training = _names(extras["train"])
-    assert {"matplotlib", "scikit-learn", "onnx", "onnxscript"} <= training
-    assert not serving & training, serving & training
-    assert {"fastapi", "uvicorn", "grpcio", "prometheus-client"} <= serving
+    for extra, runtime in (("serve", "onnxruntime"), ("serve-cuda", "onnxruntime-gpu")):
+        serving = _names(project["dependencies"] + _expanded(extras, extra))
+        training_only = _names(extras["train"]) - {"onnxruntime", "httpx"}
+        assert {"matplotlib", "scikit-learn", "onnx", "onnxscript"} <= training_only
+        assert not serving & training_only, (extra, serving & training_only)
+        assert {"fastapi", "uvicorn", "grpcio", "prometheus-client", runtime} <= serving, extra
+    # Exactly one ONNX Runtime build per serving extra: the two provide one module.
+    assert "onnxruntime-gpu" not in _names(_expanded(extras, "serve"))
+    assert "onnxruntime" not in _names(_expanded(extras, "serve-cuda"))
     assert extras["all"] == ["bdserve[serve,train]"]
     assert "all" in extras["dev"][0]  # the test environment has everything
 

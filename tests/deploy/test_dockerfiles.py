@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,9 @@ def test_serving_image_structure(path):
     stages = _stages(_dockerfile_instructions(path))
     assert len(stages) >= 2, "multi-stage: a builder and a runtime"
     builder = " ".join(a for i, a in stages[0][1] if i == "RUN")
-    assert "pip wheel" in builder and 'pip install "$(ls /wheels/bdserve-*.whl)[serve]"' in builder, \
-        "the builder installs the project wheel with the serving extra only"
+    extra = "serve-cuda" if path.name == "Dockerfile.cuda" else "serve"
+    assert "pip wheel" in builder and f'pip install "$(ls /wheels/bdserve-*.whl)[{extra}]"' in builder, \
+        f"the builder installs the project wheel with the {extra} extra only"
     assert "matplotlib" in builder and "find_spec" in builder, "the build fails if a training package slipped in"
     runtime = stages[-1][1]
     kinds = [i for i, _ in runtime]
@@ -105,9 +107,6 @@ def test_cpu_image_keeps_torch_cpu_only():
     wheel_run = next(i for i, a in enumerate(runs) if "/wheels/bdserve-" in a and "pip install" in a)
     assert torch_run < wheel_run, "CPU torch must be in place before the project wheel pulls its requirements"
     assert "torch.version.cuda" in runs[wheel_run], "the build fails if a CUDA torch slipped in"
-    cuda = (DOCKER / "Dockerfile.cuda").read_text()
-    assert re.search(r"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+", cuda)
-    assert "onnxruntime-gpu" in cuda
 
 
 @pytest.mark.parametrize("path", sorted(p for p in DOCKER.glob("Dockerfile.*") if not p.name.endswith(".dockerignore")), ids=lambda p: p.name)
@@ -123,3 +122,25 @@ def test_dockerignore_keeps_what_copy_needs(path):
             for s in sources:
                 assert s.rstrip("/") in allowed, f"{path.name} copies {s}, which {ignore.name} leaves out"
                 assert (REPO / s).exists(), f"{path.name} copies {s}, which does not exist"
+
+
+def test_cuda_image_has_one_cuda_stack_and_a_consistent_environment():
+    """CUDA torch's nvidia-* wheels are the image's only CUDA: no CUDA base image, no apt CUDA or
+    cuDNN, and onnxruntime-gpu in place of (never beside) the CPU onnxruntime, so `pip check` passes."""
+    text = (DOCKER / "Dockerfile.cuda").read_text()
+    instrs = _dockerfile_instructions(DOCKER / "Dockerfile.cuda")
+    assert re.search(r"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+", text)
+    bases = [a for i, a in instrs if i == "FROM"]
+    base_args = dict(a.split("=", 1) for i, a in instrs if i == "ARG" and "=" in a)
+    for base in bases:
+        image = base.split()[0]
+        image = base_args.get(image.strip("${}"), image)
+        assert not re.search(r"nvidia/cuda|cudnn|pytorch/pytorch", image), f"{image} brings a second CUDA stack"
+    runs = " ".join(a for i, a in instrs if i == "RUN")
+    assert not re.search(r"apt-get install[^&]*(cuda|cudnn|libcublas)", runs), "no CUDA from apt"
+    assert "pip check" in runs and "uninstall" not in runs, "one ONNX Runtime build, installed, not swapped"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert any(r.startswith("onnxruntime-gpu") for r in extras["serve-cuda"])
+    assert not any(r.startswith("onnxruntime") for r in project["dependencies"] + extras["server"]), \
+        "the CPU onnxruntime must come from an extra, or pip check fails beside onnxruntime-gpu"
