@@ -104,6 +104,8 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].set_xlabel("d (pixels)")
     axes[1].set_title("ASR under ShrinkPad-k")
     axes[1].set_xlabel("k")
+    axes[0].set_xticks(MOVES)
+    axes[1].set_xticks(range(5))
     for ax in axes:
         ax.set_ylabel("ASR (%)")
         ax.set_ylim(-2, 102)
