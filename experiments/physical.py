@@ -301,7 +301,7 @@ def plot(doc: dict, path: Path) -> None:
                 hi.append(max(0.0, 100 * (r["ci95"][1] - r["rate"])))
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=c.replace("/", ", "), color=colors(j * 2 + (j >= 3)))
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace("physical-", "") for n in names])
+        ax.set_xticklabels([n.removeprefix("physical-").removeprefix("tables-") for n in names])
         ax.set_title(title)
         ax.set_ylim(0, 105)
         ax.grid(axis="y", alpha=0.3)
