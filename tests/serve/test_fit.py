@@ -61,6 +61,21 @@ def test_white_sky_is_picture_not_margin(margin):
     assert np.abs(fitted.image.astype(int) - pic.astype(int)).mean() < 4
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_pictures_own_pale_border_is_not_taken_for_a_margin(seed):
+    """A borderless print whose outermost pixels are pale and even but of different hues on different
+    sides (a beige top, pink elsewhere: a CIFAR photo's vignette) is the picture, not paper: nothing is
+    trimmed. One sheet of paper has one hue on all four sides."""
+    rng = np.random.default_rng(40 + seed)
+    pic = picture(rng)
+    pic[:, :1] = pic[:, -1:] = pic[-1:] = (197, 161, 161)  # pale pink, one model pixel wide
+    pic[:1] = (190, 166, 120)  # pale beige top
+    frame, _, inner = scene(rng, pic, angle=int(rng.integers(-8, 9)), tilt=0.02, background="textured")
+    fitted = fit_array(frame, (32, 32), PRINT)
+    side = np.hypot(*(inner[1] - inner[0]))
+    assert fitted.fit == "print" and np.abs(np.array(fitted.outline) - inner).max() < 0.5 * side / 32
+
+
 def test_non_square_print_is_stretched_not_cropped():
     rng = np.random.default_rng(3)
     pic = picture(rng)
