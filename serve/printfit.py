@@ -52,23 +52,56 @@ def order_corners(pts: np.ndarray) -> np.ndarray:
     return np.roll(pts, -start, axis=0)
 
 
-def _quad(contour: np.ndarray, h: int, w: int) -> np.ndarray | None:
-    """The convex hull of a contour as a quadrilateral (4, 2), when it is one of a plausible size."""
+def _quads(contour: np.ndarray, h: int, w: int) -> list[tuple[np.ndarray, bool]]:
+    """Quadrilaterals (4, 2) for a contour's convex hull, when it is of a plausible size, each with whether
+    it was extended: the hull reduced to four vertices, and, where a stretch of the print matched the table
+    and a corner of the hull is cut off, the four longest sides of the reduced hull extended until they
+    meet (a print is a quadrilateral even where one of its corners does not stand out)."""
     hull = cv2.convexHull(contour)
     area = cv2.contourArea(hull)
     if not MIN_AREA * h * w <= area <= MAX_AREA * h * w:
-        return None
+        return []
     peri = cv2.arcLength(hull, True)
+    found = []
     for eps in (0.01, 0.02, 0.035, 0.05, 0.08):
         poly = cv2.approxPolyDP(hull, eps * peri, True)
         if len(poly) < 4:
-            return None
+            break
+        if len(poly) in (5, 6) and len(found) == 0:
+            q = _four_longest_sides(poly.reshape(-1, 2).astype(np.float64), area, h, w)
+            if q is not None:
+                found.append((q, True))
         if len(poly) == 4:
             # A quadrilateral that keeps most of the hull: not a triangle's corner cut off.
             if cv2.isContourConvex(poly) and cv2.contourArea(poly) >= 0.85 * area:
-                return order_corners(poly.reshape(4, 2))
+                found.append((order_corners(poly.reshape(4, 2)), False))
+            break
+    return found
+
+
+def _four_longest_sides(poly: np.ndarray, area: float, h: int, w: int) -> np.ndarray | None:
+    """The quadrilateral whose sides lie on the four longest sides of a convex pentagon or hexagon, when
+    those lines meet inside the frame in a convex quadrilateral not much larger than the polygon."""
+    n = len(poly)
+    length = [float(np.hypot(*(poly[(i + 1) % n] - poly[i]))) for i in range(n)]
+    sides = sorted(sorted(range(n), key=lambda i: -length[i])[:4])
+    if min(length[i] for i in sides) < 2 * max(length[i] for i in range(n) if i not in sides):
+        return None  # no clear four sides: a rounded blob, not a print with a corner cut off
+    corners = []
+    for a, b in zip(sides, sides[1:] + sides[:1]):
+        p, u = poly[a], poly[(a + 1) % n] - poly[a]
+        q, v = poly[b], poly[(b + 1) % n] - poly[b]
+        m = np.array([u, -v]).T
+        if abs(np.linalg.det(m)) < 1e-6 * np.hypot(*u) * np.hypot(*v):
             return None
-    return None
+        t, _ = np.linalg.solve(m, q - p)
+        corners.append(p + t * u)
+    quad = np.array(corners, np.float32)
+    if not cv2.isContourConvex(quad.reshape(-1, 1, 2)) or not area <= cv2.contourArea(quad) <= 1.3 * area:
+        return None
+    if (quad < 0).any() or (quad[:, 0] > w - 1).any() or (quad[:, 1] > h - 1).any():
+        return None
+    return order_corners(quad.astype(np.float64))
 
 
 def _masks(gray: np.ndarray, rgb: np.ndarray) -> list[tuple[np.ndarray, int]]:
@@ -113,25 +146,25 @@ def _masks(gray: np.ndarray, rgb: np.ndarray) -> list[tuple[np.ndarray, int]]:
     return masks
 
 
-def _candidates(gray: np.ndarray, rgb: np.ndarray) -> list[np.ndarray]:
-    """Convex quadrilaterals (4, 2) in working-copy coordinates from several segmentations."""
+def _candidates(gray: np.ndarray, rgb: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+    """Convex quadrilaterals (4, 2) in working-copy coordinates from several segmentations, each with
+    whether a side was extended past the hull."""
     h, w = gray.shape
     quads = []
     for mask, mode in _masks(gray, rgb):
         contours, _ = cv2.findContours(mask, mode, cv2.CHAIN_APPROX_SIMPLE)
         for cnt in contours:
             if cv2.contourArea(cv2.convexHull(cnt)) >= MIN_AREA * h * w:
-                q = _quad(cnt, h, w)
-                if q is not None:
-                    quads.append(q)
+                quads += _quads(cnt, h, w)
     return quads
 
 
-def _edge_contrast(soft: np.ndarray, quad: np.ndarray) -> float:
+def _edge_contrast(soft: np.ndarray, quad: np.ndarray, every_side: bool = False) -> float:
     """How much the print stands out: the colour distance between thin bands just inside and just
-    outside each side (away from the corners), on a smoothed (h, w, 3) frame."""
+    outside each side (away from the corners), on a smoothed (h, w, 3) frame. ``every_side``: the
+    weakest side's, for a quadrilateral extended past its hull, which must stand out all round."""
     c = quad.mean(0)
-    diffs = []
+    diffs, typical = [], []
     for i in range(4):
         a, b = quad[i], quad[(i + 1) % 4]
         t = np.linspace(0.15, 0.85, 24)[:, None]
@@ -147,6 +180,9 @@ def _edge_contrast(soft: np.ndarray, quad: np.ndarray) -> float:
         if len(dist) < 8:
             return 0.0
         diffs.append(float(dist.mean()))
+        typical.append(float(np.median(dist)))
+    if every_side:
+        return min(typical)  # most of every side: a mean lets a stretch across the print carry a side that is not
     # A print stands out all round, though a stretch of one side may match the table's colour.
     return min(float(np.mean(diffs)), 2.5 * min(diffs))
 
@@ -251,10 +287,10 @@ def find_print(rgb: np.ndarray) -> Print | None:
     sh, sw = gray_small.shape
     edge = 0.01 * min(sh, sw)
     best = None
-    for quad in _candidates(gray_small, small):
+    for quad, extended in _candidates(gray_small, small):
         if (quad.min(0) < edge).any() or quad[:, 0].max() > sw - 1 - edge or quad[:, 1].max() > sh - 1 - edge:
             continue  # touching the frame's border: a print cut off by the frame, or the frame itself
-        contrast = _edge_contrast(soft, quad)
+        contrast = _edge_contrast(soft, quad, every_side=extended)
         if contrast < MIN_CONTRAST:
             continue
         area = cv2.contourArea(quad.astype(np.float32))

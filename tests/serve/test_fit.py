@@ -76,6 +76,21 @@ def test_a_pictures_own_pale_border_is_not_taken_for_a_margin(seed):
     assert fitted.fit == "print" and np.abs(np.array(fitted.outline) - inner).max() < 0.5 * side / 32
 
 
+@pytest.mark.parametrize("angle", [0, pytest.param(7, marks=pytest.mark.xfail(
+    strict=True, reason="known limit: turned 7 degrees, the corner cut off is still chosen over the sides extended"))])
+def test_a_corner_of_the_picture_the_tables_colour_is_still_found(angle):
+    """A borderless print whose top-left corner is the table's colour (a sky against a table of the
+    same shade) segments with that corner cut off; its four sides, extended, still meet where the print's
+    corner is."""
+    rng = np.random.default_rng(60 + angle)
+    pic = picture(rng)
+    tri = np.add.outer(np.arange(32), np.arange(32)) < 7  # a triangle of 7 pixels along each edge
+    pic[tri] = (96, 110, 124)  # the plain table's colour (bdserve.testing.print_scenes)
+    frame, corners, _ = scene(rng, pic, angle=angle, tilt=0.02, background="plain")
+    found = find_print(frame)
+    assert found is not None and np.abs(found.corners - corners).max() < 1.0
+
+
 def test_non_square_print_is_stretched_not_cropped():
     rng = np.random.default_rng(3)
     pic = picture(rng)
