@@ -3,9 +3,11 @@
 The print is the largest convex quadrilateral that stands out from its surroundings.
 Candidates come from OpenCV contours of three segmentations of a working copy of the
 frame (Canny edges; Otsu on grey; Otsu on the distance from the frame border's colour,
-i.e. "not the table"), each reduced to a polygon with ``approxPolyDP``. A candidate
-counts when the colour just inside its edges differs from just outside (a quadrilateral
-drawn by table texture does not), and the largest one wins.
+i.e. "not the table"), each reduced to a polygon with ``approxPolyDP``; where a corner of
+the picture matches the table and the polygon has it cut off, the four longest sides extended
+are a candidate too. A candidate counts when the colour just inside its edges differs from
+just outside (a quadrilateral drawn by table texture does not; an extended one must differ
+along most of every side), and the largest one wins.
 
 Its corners are then refined at full resolution: along each side, the edge is located
 to a fraction of a pixel as the strongest intensity step across it, a robust line
