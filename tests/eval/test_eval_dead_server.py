@@ -46,10 +46,11 @@ def test_no_server_is_one_line_and_quick(tiny_badnets_dir, tiny_card, cifar_dir,
     assert elapsed < 20, elapsed  # the process start and 3 attempts, not attempts per batch
 
 
-# A long run (the whole 10,000-image test split in batches of 16): the tests act on it a few
-# batches in, seconds before it could end. (The batcher never holds a lone request back, so a
-# long queue delay no longer slows a run down.)
-LONG_RUN = ("--limit", "10000", "--batch-size", "16")
+# A long run: the whole 10,000-image test split one image per request, so 10,000 round trips (at
+# least several seconds on any machine; in batches of 16 a fast machine finished all of it in about
+# 1.3 s, before the test could act). The tests act on it a few requests in. (The batcher never holds
+# a lone request back, so a long queue delay no longer slows a run down.)
+LONG_RUN = ("--limit", "10000", "--batch-size", "1")
 
 
 def _server(tiny_badnets_dir):
@@ -69,7 +70,8 @@ def _run_until(cmd, env, srv, act) -> tuple[subprocess.CompletedProcess, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while _answered(srv) < 3 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the test could act on it"
     t_act = time.monotonic()
     act(proc)
     out, err = proc.communicate(timeout=120)
