@@ -67,7 +67,10 @@ def _answered(srv) -> float:
 
 def _run_until(cmd, env, srv, act) -> tuple[subprocess.CompletedProcess, float]:
     """Start the eval; once the server has answered a few of its batches, ``act``."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # As from a terminal: SIGINT at its default. A suite started in the background (``make test &``)
+    # hands its children SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while _answered(srv) < 3 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
