@@ -36,12 +36,13 @@ VENV = REPO / "bench" / ".peers" / f"kserve-{KSERVE_VERSION}"
 def kserve_python(log=print) -> Path:
     """The KServe environment's interpreter, made when missing (a few minutes, once)."""
     py = VENV / "bin" / "python"
-    if py.is_file() and subprocess.run([str(py), "-c", "import kserve, bdserve.serve.pipeline"],
+    if py.is_file() and subprocess.run([str(py), "-c", "import kserve, onnxruntime, bdserve.serve.pipeline"],
                                        capture_output=True).returncode == 0:
         return py
     log(f"making the KServe {KSERVE_VERSION} environment in {VENV} (once) ...")
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", f"kserve=={KSERVE_VERSION}.*", "-e", str(REPO)],
+    # bdserve's serving extra: the peer runs the same decode, ShrinkPad and ONNX Runtime session.
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"kserve=={KSERVE_VERSION}.*", "-e", f"{REPO}[serve]"],
                    check=True)
     return py
 
