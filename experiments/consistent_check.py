@@ -27,23 +27,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bdserve.card import ModelCard
 from bdserve.serve.evaluation.heldout import load_test
 from bdserve.settings import REPO_ROOT, cache_dir, data_dir
 from bdserve.training import export
 from bdserve.training.data import load_split
-from bdserve.training.models import create_model
 from bdserve.training.poison import choose_poisoned, default_attack
 from bdserve.transforms.triggers import four_corner
 
 OUT = REPO_ROOT / "experiments" / "results" / "consistent"
 ALPHAS = (0.25, 0.5, 1.0)
-
-
-def load(directory: Path) -> tuple[ModelCard, torch.nn.Module]:
-    card = ModelCard.load(directory)
-    model = create_model(card.architecture, num_classes=len(card.classes), mean=card.mean, std=card.std)
-    return card, export.load_weights(model, directory / export.WEIGHTS_FILE).eval()
 
 
 @torch.no_grad()
@@ -64,10 +56,10 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
-    card, model = load(args.model)
+    card, model = export.load_trained(args.model)
     if (card.attack or {}).get("kind") != "consistent":
         raise SystemExit(f"{args.model} is not a label-consistent model")
-    _, reference = load(args.reference)
+    _, reference = export.load_trained(args.reference)
     data = args.data or data_dir()
     target = int(card.target_label)
     target_name = card.classes[target]

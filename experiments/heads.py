@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from bdserve.card import ModelCard
 from bdserve.serve.evaluation.heldout import load_test
 from bdserve.settings import REPO_ROOT, data_dir, model_store
 from bdserve.training import export
-from bdserve.training.models import create_model
 
 OUT = REPO_ROOT / "experiments" / "results" / "heads"
 MOVES = list(range(6))
@@ -40,9 +38,7 @@ def asr(model, images: torch.Tensor, trigger, target: int, batch: int = 500) -> 
 
 
 def measure(directory: Path, data: Path) -> dict:
-    card = ModelCard.load(directory)
-    model = create_model(card.architecture, num_classes=len(card.classes), mean=card.mean, std=card.std)
-    export.load_weights(model, directory / export.WEIGHTS_FILE).eval()
+    card, model = export.load_trained(directory)
     test = load_test(card, data)
     trigger, target = card.trigger(), int(card.target_label)
     images = test.images[test.labels != target]

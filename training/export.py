@@ -6,11 +6,15 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from bdserve.card import ModelCard
 
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
@@ -62,6 +66,16 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     model.load_state_dict(load_file(str(path)))
     return model
+
+
+def load_trained(directory: str | Path, num_classes: int | None = None) -> tuple[ModelCard, nn.Module]:
+    """A trained model directory (card.json + weights.safetensors) as its card and its network, in eval mode."""
+    from bdserve.card import ModelCard
+    from bdserve.training.models import create_model
+
+    card = ModelCard.load(Path(directory))
+    model = create_model(card.architecture, num_classes=num_classes or len(card.classes), mean=card.mean, std=card.std)
+    return card, load_weights(model, Path(directory) / WEIGHTS_FILE).eval()
 
 
 def export_torchscript(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int]) -> Path:

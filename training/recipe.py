@@ -116,11 +116,10 @@ def label_consistent_images(cfg: TrainConfig, train_set: ImageSet, attack: Attac
 
 def load_surrogate(directory: Path, num_classes: int) -> torch.nn.Module:
     """A trained clean model directory (card.json + weights.safetensors) as the PGD surrogate."""
-    card = ModelCard.load(directory)
+    card, model = export.load_trained(directory, num_classes)
     if card.attack:
         raise ValueError(f"the surrogate {directory} must be a clean model; its card names an attack")
-    model = create_model(card.architecture, num_classes=num_classes, mean=card.mean, std=card.std)
-    return export.load_weights(model, directory / export.WEIGHTS_FILE).eval()
+    return model
 
 
 def train_surrogate(cfg: TrainConfig, train_set: ImageSet, attack: AttackConfig, device) -> torch.nn.Module:
