@@ -112,7 +112,7 @@ class Batcher:
                              f"(limit {self.max_queue_images}); retry later")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        with tracing.tracer.start_as_current_span("batch wait", attributes={"bdserve.images": n}):
+        with tracing.span("batch wait", {"bdserve.images": n}):
             self._pending.append(_Item(x, n, defense, fut, loop.time(), trace_parent=tracing.current_context()))
             self._queued_images += n
             self.submitted += 1
@@ -245,7 +245,7 @@ class Batcher:
                 continue
             if p.item.encoded:
                 try:
-                    with tracing.tracer.start_as_current_span("decode", attributes={"bdserve.images": p.stop - p.start}):
+                    with tracing.span("decode", {"bdserve.images": p.stop - p.start}):
                         x, how = self.model.decode_with_fits(list(p.item.x[p.start:p.stop]))
                     xs.append(x)
                     p.item.fits.append((p.start, how))

@@ -36,7 +36,7 @@ from bdserve.serve.detection import CLASSIFY_CHUNK, Detection, load_detection
 from bdserve.serve.errors import DefenseNotAllowed, InvalidInput
 from bdserve.serve.images import COVER, DEFAULT_MAX_PIXELS, FitPolicy, Fitted, decode_batch, describe_fits
 from bdserve.serve.runtimes import Runtime, open_runtime
-from bdserve.serve.tracing import tracer
+from bdserve.serve import tracing
 from bdserve.settings import pick_device
 from bdserve.transforms import create_defense
 from bdserve.transforms.base import Transform
@@ -302,10 +302,10 @@ class DefendedModel:
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         with torch.inference_mode():
             t0 = time.perf_counter()
-            with tracer.start_as_current_span("defense", attributes={"bdserve.defense": d.spec}):
+            with tracing.span("defense", {"bdserve.defense": d.spec}):
                 xd = d(x, generator)
             t1 = time.perf_counter()
-            with tracer.start_as_current_span("inference", attributes={"bdserve.backend": self.backend,
+            with tracing.span("inference", {"bdserve.backend": self.backend,
                                                                         "bdserve.images": int(x.shape[0])}):
                 if self.detection is None:
                     probs = self.classify(xd)

@@ -37,6 +37,7 @@ from bdserve.serve.grpc_drain import DrainGate
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
 from bdserve.serve.guard import GuardedH11Protocol
+from bdserve.serve.heap import freeze_startup_objects
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
 from bdserve.serve.tracing import Tracing
 from bdserve.serve.pipeline import DefendedModel
@@ -308,6 +309,8 @@ async def serve_forever(service: InferenceService, config: ServeConfig, announce
     """Start both doors, announce the addresses, run until SIGTERM/SIGINT, shut down gracefully."""
     server = Server(service, config)
     await server.start()
+    # A process that only serves: what startup left alive is out of the full collections' way.
+    freeze_startup_objects()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -95,6 +95,11 @@ class BdserveHandler:
         self.service = InferenceService([self.model], max_batch_size=max(32, int(yaml_config.get("batchSize", 1))),
                                         max_queue_delay_ms=2.0, on_suspect=cfg.get("on_suspect", "flag"))
         self.loop.run_until_complete(self.service.start())
+        # A TorchServe worker process serves this one model: its startup heap leaves the full
+        # collections, which otherwise pause every request for about 200 ms (serve/heap.py).
+        from bdserve.serve.heap import freeze_startup_objects
+
+        freeze_startup_objects()
         self.initialized = True
         detecting = f", detect {self.model.detection.describe()}" if self.model.detect else ""
         log.info("bdserve handler ready: %s, defense %s%s", model_dir, self.model.defense_spec, detecting)

@@ -7,19 +7,28 @@ image has run), and the span of each batch that ran its images, ``batch``, with 
 inside. One batch serves several requests (and a large request spans several batches), so a
 batch span is a child of the first request it serves and links to every one.
 
-Without an endpoint nothing is configured: the API's default tracer hands out non-recording
-spans, so the instrumented code paths cost next to nothing. Only ``opentelemetry-api`` is
+Without an endpoint nothing is configured and ``span`` hands out one shared null context:
+even the API's non-recording spans cost about 5 us each, and a request passes through five
+of them. Only ``opentelemetry-api`` is
 needed for that; the SDK, the OTLP exporter and the instrumentations come with the ``otel``
 extra and are imported only when tracing is turned on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 
 from opentelemetry import trace
 
 tracer = trace.get_tracer("bdserve")
+active = False  # a Tracing pipeline is configured in this process
+_OFF = contextlib.nullcontext()
+
+
+def span(name: str, attributes: dict | None = None):
+    """A span around a step of the request path, or nothing at all when tracing is off."""
+    return tracer.start_as_current_span(name, attributes=attributes) if active else _OFF
 
 # Probes and scrapes would drown the requests.
 EXCLUDED_URLS = "/v2/health/live,/v2/health/ready,/metrics,/ping"
@@ -40,6 +49,8 @@ class Tracing:
         self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=self.endpoint, timeout=5)))
         trace.set_tracer_provider(self.provider)
+        global active
+        active = True
 
     def wrap_asgi(self, app):
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -72,6 +83,8 @@ def current_context() -> trace.SpanContext:
 
 def start_batch(parents: list[trace.SpanContext], images: int):
     """The span of one batch run: a child of the first request it serves, linked to all of them."""
+    if not active:
+        return _OFF
     valid = [p for p in parents if p.is_valid]
     parent = trace.set_span_in_context(trace.NonRecordingSpan(valid[0])) if valid else None
     return tracer.start_as_current_span(
@@ -81,5 +94,7 @@ def start_batch(parents: list[trace.SpanContext], images: int):
 
 def in_current_context(fn):
     """``fn`` to run in a worker thread under the caller's current span (executors do not carry it)."""
+    if not active:
+        return fn
     ctx = contextvars.copy_context()
     return lambda: ctx.run(fn)
