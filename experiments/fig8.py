@@ -6,7 +6,7 @@ of the test split (clean images for accuracy, the non-target ones stamped for AS
 The paper expects high ASR while k <= 4 and a sharp drop once k exceeds it. Writes
 fig8.png, fig8.json and fig8.md to experiments/results/fig8/.
 
-    python experiments/fig8.py --store /work/models [--limit 2000] [--models tables-badnets-plus,tables-blended-plus]
+    python experiments/fig8.py --store /work/models [--limit 2000] [--models tables-badnets-plus-flat-e20,tables-blended-plus-flat-e20]
 
 The models are the enhanced rows of experiments/tables.py (trained with Appendix C's benign
 transformation, as the paper evaluates them).
@@ -33,7 +33,7 @@ KS = list(range(1, 9))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, default=model_store())
-    p.add_argument("--models", default="tables-badnets-plus,tables-blended-plus")
+    p.add_argument("--models", default="tables-badnets-plus-flat-e20,tables-blended-plus-flat-e20")
     p.add_argument("--limit", type=int, default=2000, help="test images per defense (0: all 10,000)")
     p.add_argument("--transport", default="grpc", choices=["http", "grpc"])
     p.add_argument("--data", type=Path, default=None)
