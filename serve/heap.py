@@ -4,7 +4,7 @@ A served model keeps some 400,000 objects alive for the life of the process (tor
 ONNX Runtime, the web stack, the models). CPython's full collection walks every one of
 them: measured here, 200-230 ms with the GIL held, every few seconds under load, because
 requests in flight when a young collection runs are promoted and then count towards the
-next full one. Every request in the process waits meanwhile, which made p99 12x p50 at
+next full one. Every request in the process waits meanwhile, which put p99 at 8.7x p50 at
 32 clients. ``freeze_startup_objects`` moves what startup left alive into the collector's
 permanent generation (``gc.freeze``, CPython 3.7+), so a full collection walks only what
 serving created since. Freed objects are still reclaimed by reference counting; only

@@ -305,8 +305,7 @@ class DefendedModel:
             with tracing.span("defense", {"bdserve.defense": d.spec}):
                 xd = d(x, generator)
             t1 = time.perf_counter()
-            with tracing.span("inference", {"bdserve.backend": self.backend,
-                                                                        "bdserve.images": int(x.shape[0])}):
+            with tracing.span("inference", {"bdserve.backend": self.backend, "bdserve.images": int(x.shape[0])}):
                 if self.detection is None:
                     probs = self.classify(xd)
                 else:
