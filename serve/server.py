@@ -36,7 +36,7 @@ from bdserve.serve.budget import bound_heap
 from bdserve.serve.grpc_drain import DrainGate
 from bdserve.serve.grpc_server import DEFAULT_MAX_MESSAGE, create_grpc_server
 from bdserve.serve.grpc_standard import StandardServices
-from bdserve.serve.guard import GuardedH11Protocol
+from bdserve.serve.http_protocol import guarded_http_protocol
 from bdserve.serve.heap import freeze_startup_objects
 from bdserve.serve.http_app import DEFAULT_MAX_BODY, create_app
 from bdserve.serve.tracing import Tracing
@@ -54,7 +54,7 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     grace_s: float = 30.0
-    body_timeout_s: float = 30.0  # the whole HTTP body must arrive within this (else 408)
+    body_timeout_s: float = 30.0  # each HTTP request head, and then its body, must arrive within this (else 408)
     max_uploads: int = 256  # HTTP bodies read or held at once (beyond: 503)
     log_level: str = "warning"
     access_log: bool = True  # one JSON line per request on stdout (bdserve.access)
@@ -260,7 +260,8 @@ class Server:
         if self._tracing is not None:
             http_app = self._tracing.wrap_asgi(http_app)
         self._uvicorn = _Uvicorn(uvicorn.Config(
-            http_app, log_level=cfg.log_level, access_log=False, lifespan="off", http=GuardedH11Protocol,
+            http_app, log_level=cfg.log_level, access_log=False, lifespan="off",
+            http=guarded_http_protocol(head_timeout_s=cfg.body_timeout_s),
             timeout_graceful_shutdown=cfg.grace_s,  # (_Uvicorn.shutdown keeps its own deadline)
         ))
         self._http_task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))

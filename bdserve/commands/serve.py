@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         torch_threads: int = typer.Option(1, "--torch-threads", help="torch CPU threads for decoding and the defense (default 1: ONNX Runtime's pool does the heavy work, and two pools fighting over few cores slow both)."),
         loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), uvloop or asyncio."),
         grace_s: float = typer.Option(30.0, "--grace-s", help="On SIGTERM, how long in-flight requests may take to finish; the process exits within it."),
-        body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", help="An HTTP request's whole body must arrive within this, else 408."),
+        body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", help="An HTTP request's head, and then its whole body, must each arrive within this, else 408."),
         max_uploads: int = typer.Option(256, "--max-uploads", help="HTTP request bodies read or held at once; beyond, 503."),
         pixel_budget: Optional[int] = typer.Option(None, "--pixel-budget", help="Decoded pixels in flight across all requests (default: --max-pixels, one largest image at a time); beyond, requests wait up to 10 s, then 503."),
         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),

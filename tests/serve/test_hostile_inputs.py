@@ -112,7 +112,25 @@ def test_protocol_details(server):
     assert b"Transfer-Encoding" in got or b"malformed HTTP request" in got, got[:300]
     # 8 MiB of header: 431, not a dropped connection
     got = raw_http(port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (8 << 20) + b"\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 431") and b"application/json" in got, got[:300]
+    # ... and as 2,000 small headers: the limit is on the whole head
+    many = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 20) for i in range(2000))
+    got = raw_http(port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
     assert got.startswith(b"HTTP/1.1 431"), got[:300]
+    # a URL of 1 MiB: the same limit
+    got = raw_http(port, b"GET /v2/health/live?" + b"q" * (1 << 20) + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 431"), got[:300]
+    # garbage in place of a request line: a JSON 400
+    got = raw_http(port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not HTTP\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 400") and b"malformed HTTP request" in got, got[:300]
+    # two pipelined requests in one write: both answered, in order
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/models/tiny HTTP/1.1\r\nHost: x\r\n"
+                  b"Connection: close\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.count(b"HTTP/1.1 200") == 2 and out.index(b'"live"') < out.index(b'"tiny"'), out[:600]
     with httpx.Client(timeout=30, trust_env=False) as c:
         r = c.get(f"{url}/v2/models/tiny/infer")  # 405 names what is allowed
         assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]

@@ -93,6 +93,36 @@ def test_stalled_uploads_get_408_and_a_good_request_stays_fast(served_store, rng
         good_request(srv.http_url, rng)
 
 
+def test_slow_and_idle_heads_are_closed_and_kept_alive_connections_are_not(served_store, rng):
+    """Slowloris on the head: 100 connections that send nothing and 100 that send half a request
+    head are closed within the head deadline (--body-timeout-s): the half heads with a JSON 408.
+    Meanwhile a good request stays fast, and a kept-alive client asking every 1.2 s keeps its
+    connection (the deadline restarts with each answer)."""
+    from bdserve.testing import ServeProcess
+
+    with ServeProcess(served_store, ["tiny"], "--body-timeout-s", str(BODY_TIMEOUT_S), "--threads", "1",
+                      "--max-queue-delay-ms", "2") as srv:
+        good_request(srv.http_url, rng)  # warm
+        idle = [socket.create_connection(("127.0.0.1", srv.http_port)) for _ in range(100)]
+        half = [socket.create_connection(("127.0.0.1", srv.http_port)) for _ in range(100)]
+        for s in half:
+            s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nX-Slow: aaa")
+        t0 = time.monotonic()
+        with httpx.Client(timeout=30, trust_env=False) as kept:
+            for _ in range(3):  # 3.6 s on one connection, longer than the deadline
+                assert kept.get(f"{srv.http_url}/v2/health/live").status_code == 200
+                time.sleep(1.2)
+            latencies = [good_request(srv.http_url, rng) for _ in range(3)]
+            got, still_open = answers(idle + half, until=t0 + BODY_TIMEOUT_S + 3.0)
+            assert kept.get(f"{srv.http_url}/v2/health/live").status_code == 200
+            assert kept.get(f"{srv.http_url}/v2/health/live").status_code == 200
+        assert still_open == 0, f"{still_open} connections outlived the head deadline"
+        assert set(got[:100]) == {b""}, "an idle connection got an answer to a request it never sent"
+        assert all(g.startswith(b"HTTP/1.1 408") and b"request head did not arrive" in g for g in got[100:]), \
+            {g[:80] for g in got[100:]}
+        assert max(latencies) < 1.0, latencies
+
+
 def test_too_many_uploads_at_once_get_503_at_once(served_store, rng):
     from bdserve.serve.server import BackgroundServer, ServeConfig, load_models
     from bdserve.serve.service import InferenceService
