@@ -67,14 +67,14 @@ DETECTORS = "consistency,strip,scaleup"
 
 
 def start_server(store: Path, *, lab: bool = False, detect: str | None = None, delay_ms: float = 20.0,
-                 on_suspect: str = "flag"):
+                 on_suspect: str = "flag", body_timeout_s: float = 30.0):
     from bdserve.serve.server import BackgroundServer, ServeConfig, load_models
     from bdserve.serve.service import InferenceService
 
     models = load_models(store, lab=lab, detect=detect, max_pixels=MAX_PIXELS, threads=1)
     service = InferenceService(models, max_batch_size=32, max_queue_delay_ms=delay_ms, on_suspect=on_suspect)
     return BackgroundServer(service, ServeConfig(http_port=0, grpc_port=0, max_body_bytes=MAX_BODY,
-                                                 max_message_bytes=MAX_BODY, grace_s=5))
+                                                 max_message_bytes=MAX_BODY, grace_s=5, body_timeout_s=body_timeout_s))
 
 
 def calibrate_store(src: Path, dst: Path, rng, n: int = 224) -> Path:

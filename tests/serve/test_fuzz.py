@@ -1,11 +1,14 @@
 """Property-based fuzzing, bounded: schemathesis against the served OpenAPI document, and
-hypothesis-generated OIP bodies, gRPC requests and image bytes. Never a 5xx (gRPC: never
+hypothesis-generated raw HTTP requests, OIP bodies, gRPC requests and image bytes. Never a 5xx (gRPC: never
 INTERNAL or UNKNOWN), and the server still answers a good request afterwards."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
+import socket
+import time
 
 import grpc
 import httpx
@@ -18,6 +21,8 @@ from PIL import Image
 
 from bdserve.serve.protos import grpc_predict_v2_pb2 as pb
 from bdserve.serve.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from serve_helpers import start_server
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -162,3 +167,79 @@ def test_generated_grpc_requests_never_internal(stub, name, dt, shape, raw, fp32
         assert e.code().name in ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"), (
             e.code(), e.details())
         assert e.details()
+
+
+# ---------------------------------------------------------------- hypothesis: raw HTTP/1.1 (the parser)
+
+_BODY = json.dumps(GOOD).encode()
+_CHUNKED = b"%x\r\n%s\r\n0\r\n\r\n" % (len(_BODY), _BODY)
+RAW_SEEDS = [
+    b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY),
+    b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + _CHUNKED,
+    b"GET /v2/models/tiny HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+]
+
+
+@st.composite
+def mutated_request(draw):
+    """A good request with its head (and chunk framing) damaged: bytes rewritten, control
+    characters and separators inserted, lines duplicated or cut."""
+    b = bytearray(draw(st.sampled_from(RAW_SEEDS)))
+    head_end = b.index(b"\r\n\r\n") + 4
+    for _ in range(draw(st.integers(1, 4))):
+        if not b:
+            break
+        op = draw(st.sampled_from(["byte", "insert", "duplicate", "cut"]))
+        i = draw(st.integers(0, min(len(b) - 1, head_end + 12)))
+        if op == "byte":
+            b[i] = draw(st.sampled_from([0, 9, 10, 13, 32, 58, 127, 255, draw(st.integers(0, 255))]))
+        elif op == "insert":
+            b[i:i] = draw(st.sampled_from([b"\r\n", b"\n", b" ", b":", b"\x00", b"Content-Length: 7\r\n",
+                                           b"Transfer-Encoding: chunked\r\n", b"%", b"ffffffffffffffff\r\n"]))
+        elif op == "duplicate":
+            line_start = b.rfind(b"\r\n", 0, i) + 2
+            line_end = b.find(b"\r\n", i)
+            if 0 <= line_start < line_end:
+                b[line_start:line_start] = b[line_start:line_end + 2]
+        else:
+            del b[i:]
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def quick_server(served_store):
+    """Heads and bodies must arrive within 0.5 s, so a damaged request resolves quickly."""
+    with start_server(served_store, body_timeout_s=0.5) as srv:
+        yield srv
+
+
+@FUZZ
+@given(raw=mutated_request())
+def test_generated_raw_http_requests_never_5xx_or_hang(quick_server, raw):
+    """Whatever the parser gets, the connection ends in an answer under 500 or a close, within
+    the head and body deadlines - never a 5xx, never a connection held open."""
+    port = int(quick_server.http_url.rsplit(":", 1)[1])
+    got, deadline = b"", time.monotonic() + 5.0
+    with socket.create_connection(("127.0.0.1", port), timeout=5.0) as s:
+        s.sendall(raw)
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += chunk
+            head, sep, body = got.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if sep and length and len(body) >= int(length.group(1)):
+                break  # one whole answer (a kept-alive connection stays open after it)
+        else:
+            pytest.fail(f"no answer and no close within 5 s for {raw[:120]!r}")
+    statuses = [int(m) for m in re.findall(rb"HTTP/1.1 (\d{3}) ", got)]
+    assert all(st_ < 500 for st_ in statuses), (raw[:160], got[:300])
+    if statuses and statuses[0] >= 400:
+        assert b'"error"' in got, (raw[:160], got[:300])
+    with httpx.Client(timeout=30, trust_env=False) as c:
+        assert c.post(f"{quick_server.http_url}/v2/models/tiny/infer", json=GOOD).status_code == 200
