@@ -14,7 +14,9 @@ import itertools
 import logging
 import os
 import re
+import select
 import sys
+import threading
 import time
 
 import orjson
@@ -53,14 +55,101 @@ def request_id(given: str | bytes | None) -> str:
 def enable(on: bool = True) -> None:
     """Access lines at INFO on stdout, whatever the server's --log-level (off: none)."""
     log.propagate = False
+    for h in log.handlers:
+        h.close()
     log.handlers.clear()
     if on:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+        log.addHandler(LineWriter(sys.stdout))
         log.setLevel(logging.INFO)
     else:
         log.setLevel(logging.CRITICAL + 1)
+
+
+def flush() -> None:
+    """Everything logged so far is written (the server calls this as it stops)."""
+    for h in log.handlers:
+        h.flush()
+
+
+class LineWriter(logging.Handler):
+    """Access lines written to ``stream`` by a thread of its own, never by the event loop.
+
+    A line per request written and flushed on the loop was one system call per request,
+    and a blocking one whenever the reader of stdout fell behind: measured at 32 clients,
+    logging that way cost 10-12% of the server's CPU per request and 16% of its requests/s.
+    Here ``emit`` appends to a buffer; the thread wakes when the buffer stops being empty,
+    lets lines gather for ``GATHER_S``, and writes them in chunks of whole lines of at most
+    ``PIPE_BUF`` bytes (a chunk that size lands in a pipe whole, so the lines of several
+    worker processes sharing one stdout never cut into each other). The buffer is bounded:
+    past ``MAX_BUFFERED_BYTES`` (stdout not read at all) lines are dropped and counted, and
+    a line saying how many follows once writing resumes."""
+
+    GATHER_S = 0.01
+    MAX_BUFFERED_BYTES = 8 << 20
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+        self._lines: list[str] = []
+        self._buffered = 0
+        self._dropped = 0
+        self._wake = threading.Event()
+        self._io = threading.Lock()  # one writer at a time, so chunks keep their order
+        self._owner = -1  # the pid whose thread writes (a forked worker starts its own)
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        if self._owner != os.getpid():  # the first line of this process (a fork inherits no thread)
+            self._owner = os.getpid()
+            self._lines, self._buffered, self._dropped = [], 0, 0
+            self._wake, self._io = threading.Event(), threading.Lock()
+            threading.Thread(target=self._run, name="access-log", daemon=True).start()
+        line = record.getMessage() + "\n"
+        if self._buffered + len(line) > self.MAX_BUFFERED_BYTES:
+            self._dropped += 1
+            return
+        if not self._lines:
+            self._wake.set()
+        self._lines.append(line)
+        self._buffered += len(line)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.GATHER_S)
+            self._wake.clear()  # before taking the lines: one logged after this wakes us again
+            self._write_out()
+
+    def flush(self) -> None:
+        self._write_out()
+
+    def _write_out(self) -> None:
+        with self._io:
+            with self.lock:
+                lines, dropped = self._lines, self._dropped
+                self._lines, self._buffered, self._dropped = [], 0, 0
+            if dropped:
+                lines.append(orjson.dumps({"ts": round(time.time(), 3), "event": "access lines dropped",
+                                           "count": dropped, "why": "stdout was not read"}).decode() + "\n")
+            try:
+                for chunk in _chunks(lines, select.PIPE_BUF):
+                    self.stream.write(chunk)
+                    self.stream.flush()
+            except (OSError, ValueError):  # stdout closed: nothing left to tell
+                pass
+
+
+def _chunks(lines: list[str], limit: int):
+    """Whole lines joined into strings of at most ``limit`` bytes (a longer line alone)."""
+    chunk, size = [], 0
+    for line in lines:
+        n = len(line) if line.isascii() else len(line.encode())  # (a decoded path may not be ASCII)
+        if chunk and size + n > limit:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += n
+    if chunk:
+        yield "".join(chunk)
 
 
 def write(**fields) -> None:

@@ -294,6 +294,7 @@ class Server:
             waits.append(self._stop_grpc(deadline))
         await asyncio.gather(*waits, return_exceptions=True)
         await self.service.stop()
+        access_log.flush()
         if self._tracing is not None:
             self._tracing.shutdown()
         self.shutdown_s = time.monotonic() - t0

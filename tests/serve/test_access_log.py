@@ -1,0 +1,107 @@
+"""Access lines leave the event loop: written by a thread of their own, in whole-line chunks
+no larger than PIPE_BUF, in order, bounded when stdout is not read, and all written when the
+server stops."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import threading
+import time
+
+import httpx
+
+from bdserve.serve.access_log import LineWriter
+
+
+class RecordingStream:
+    """A text stream that notes each write's size and the thread that made it."""
+
+    def __init__(self, fd: int | None = None):
+        self.fd, self.writes, self.threads = fd, [], set()
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+        self.threads.add(threading.current_thread().name)
+        if self.fd is not None:
+            os.write(self.fd, text.encode())
+
+    def flush(self) -> None:
+        pass
+
+
+def logger_with(handler: logging.Handler, name: str) -> logging.Logger:
+    log = logging.getLogger(name)
+    log.propagate, log.handlers = False, [handler]
+    log.setLevel(logging.INFO)
+    return log
+
+
+def test_lines_are_written_off_the_caller_in_order_and_in_whole_line_chunks():
+    stream = RecordingStream()
+    log = logger_with(LineWriter(stream), "bdserve.test.access.order")
+    for i in range(5000):
+        log.info(json.dumps({"i": i, "pad": "x" * (i % 300)}))
+    deadline = time.monotonic() + 10
+    while sum(w.count("\n") for w in stream.writes) < 5000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.threads == {"access-log"}
+    lines = "".join(stream.writes).splitlines()
+    assert [json.loads(s)["i"] for s in lines] == list(range(5000))
+    assert all(w.endswith("\n") and len(w.encode()) <= select.PIPE_BUF for w in stream.writes)
+    assert len(stream.writes) < 5000 / 10  # many lines to a write
+
+
+def test_unread_stdout_does_not_block_and_dropped_lines_are_counted():
+    r, w = os.pipe()  # nobody reads r until the end: writes block once the pipe is full
+    try:
+        handler = LineWriter(RecordingStream(w))
+        handler.MAX_BUFFERED_BYTES = 256 * 1024
+        log = logger_with(handler, "bdserve.test.access.blocked")
+        t0 = time.monotonic()
+        for i in range(20000):  # 2 MB of lines: far over the pipe (64 KiB) and the buffer
+            log.info(json.dumps({"i": i, "pad": "y" * 80}))
+        assert time.monotonic() - t0 < 5.0, "logging blocked on a full stdout"
+        got = b""
+        os.set_blocking(r, False)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(r, 1 << 16)
+            except BlockingIOError:
+                if b"access lines dropped" in got:
+                    break
+                time.sleep(0.01)
+                continue
+            got += chunk
+        docs = [json.loads(s) for s in got.decode().splitlines()]
+        dropped = [d for d in docs if d.get("event") == "access lines dropped"]
+        kept = [d["i"] for d in docs if "i" in d]
+        assert dropped and dropped[0]["count"] > 0
+        assert kept == sorted(kept) and len(kept) + dropped[0]["count"] == 20000  # each line written or counted
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_lines_of_the_last_requests_are_written_when_the_server_stops(served_store):
+    from bdserve.testing import ServeProcess
+
+    srv = ServeProcess(served_store, ["tiny"]).start()
+    ids = [f"last-{i}" for i in range(30)]
+    try:
+        with httpx.Client(timeout=30, trust_env=False) as c:
+            for rid in ids:
+                assert c.get(f"{srv.http_url}/v2/models/tiny", headers={"X-Request-ID": rid}).status_code == 200
+    finally:
+        assert srv.stop() == 0  # SIGTERM right after the last answer
+    time.sleep(0.2)  # the launcher's reader thread sees the end of the pipe
+    logged = set()
+    for line in srv.output:
+        try:
+            logged.add(json.loads(line).get("request_id"))
+        except (ValueError, AttributeError):
+            continue
+    assert set(ids) <= logged, sorted(set(ids) - logged)
