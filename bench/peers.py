@@ -33,7 +33,8 @@ def bdserve_process(model_dir: Path, *, defense: str | None, max_batch_size: int
              "--max-queue-delay-ms", str(max_queue_delay_ms)]
     if defense is not None:
         flags += ["--defense", defense]
-    return ServeProcess(model_dir.parent, [model_dir.name], *flags, *(extra or []), log_path=log_path)
+    return ServeProcess(model_dir.parent, [model_dir.name], *flags, *(extra or []), log_path=log_path,
+                        direct_to_log=True)  # (as the peers' own logs: nothing in the bench reads each line)
 
 
 def torchserve_runs(model_dir: Path, name: str, defense: str, images: list[bytes], work: Path, *, workers: list[int],

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, extra in (("bdserve", []), ("bdserve --workers 2", ["--workers", "2"])):
             if label in skip:
                 continue
-            srv = ServeProcess(model_dir.parent, [name], *flags, *extra, log_path=work / f"{label}.log",
+            srv = ServeProcess(model_dir.parent, [name], *flags, *extra, log_path=work / f"{label}.log", direct_to_log=True,
                                http_port=quiet_port(), grpc_port=quiet_port()).start(timeout=600)
             stack.append(srv)
             peers.append(Peer(label, srv.http_port, srv.grpc_port, srv.proc.pid, TRANSPORTS, name))

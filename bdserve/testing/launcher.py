@@ -38,10 +38,19 @@ class ServeProcess:
     ``start`` waits for the "HTTP listening on" / "gRPC listening on" lines; afterwards a
     thread keeps reading the output (into ``output`` and, if given, ``log_path``).
     ``stop`` sends SIGTERM (the graceful shutdown) and kills only after ``grace_s``.
+
+    ``direct_to_log``: the server writes its output straight into ``log_path`` and nothing
+    in this process reads it (``output`` stays empty). For benchmarks: their load generator
+    would otherwise share its CPU with reading and copying every access line, which the
+    peers' own log files do not cost it.
     """
 
     def __init__(self, store: str | Path, models: list[str] | tuple[str, ...] = (), *flags: str,
-                 http_port: int = 0, grpc_port: int = 0, log_path: str | Path | None = None):
+                 http_port: int = 0, grpc_port: int = 0, log_path: str | Path | None = None,
+                 direct_to_log: bool = False):
+        if direct_to_log and log_path is None:
+            raise ValueError("direct_to_log needs a log_path")
+        self.direct_to_log = direct_to_log
         self.store = Path(store)
         self.cmd = [*bdserve_command(), "serve", "--model-store", str(self.store),
                     "--http-port", str(http_port), "--grpc-port", str(grpc_port), *flags]
@@ -62,6 +71,8 @@ class ServeProcess:
         return int(self.grpc_target.rsplit(":", 1)[1])
 
     def start(self, timeout: float = 120.0) -> "ServeProcess":
+        if self.direct_to_log:
+            return self._start_direct(timeout)
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      stdin=subprocess.DEVNULL, env={**os.environ, "BDSERVE_PROGRESS": "0"})
         timer = threading.Timer(timeout, self.proc.kill)  # a server that hangs before its banner
@@ -81,6 +92,31 @@ class ServeProcess:
             self.stop()
             raise RuntimeError("bdserve serve did not start:\n" + "".join(self.banner))
         threading.Thread(target=self._drain, daemon=True).start()
+        return self
+
+    def _start_direct(self, timeout: float) -> "ServeProcess":
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            start = log.tell()
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "BDSERVE_PROGRESS": "0"})
+        deadline = time.monotonic() + timeout
+        while not (self.http_url and self.grpc_target):
+            with open(self.log_path, "rb") as log:
+                log.seek(start)
+                self.banner = log.read().decode(errors="replace").splitlines(keepends=True)
+            for line in self.banner:
+                if not line.endswith("\n"):
+                    continue  # still being written
+                if line.startswith("HTTP listening on "):
+                    self.http_url = line.split()[-1]
+                elif line.startswith("gRPC listening on "):
+                    self.grpc_target = line.split()[-1]
+            if self.http_url and self.grpc_target:
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("bdserve serve did not start:\n" + "".join(self.banner))
+            time.sleep(0.05)
         return self
 
     def _drain(self) -> None:
