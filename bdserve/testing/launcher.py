@@ -80,19 +80,26 @@ class ServeProcess:
         try:
             for line in self.proc.stdout:  # bounded: ends with the process
                 self.banner.append(line)
-                if line.startswith("HTTP listening on "):
-                    self.http_url = line.split()[-1]
-                elif line.startswith("gRPC listening on "):
-                    self.grpc_target = line.split()[-1]
-                if self.http_url and self.grpc_target:
+                if self._read_address(line):
                     break
         finally:
             timer.cancel()
         if not (self.http_url and self.grpc_target):
-            self.stop()
-            raise RuntimeError("bdserve serve did not start:\n" + "".join(self.banner))
+            self._failed()
         threading.Thread(target=self._drain, daemon=True).start()
         return self
+
+    def _read_address(self, line: str) -> bool:
+        """Note an address the banner line gives; whether both are known now."""
+        if line.startswith("HTTP listening on "):
+            self.http_url = line.split()[-1]
+        elif line.startswith("gRPC listening on "):
+            self.grpc_target = line.split()[-1]
+        return bool(self.http_url and self.grpc_target)
+
+    def _failed(self):
+        self.stop()
+        raise RuntimeError("bdserve serve did not start:\n" + "".join(self.banner))
 
     def _start_direct(self, timeout: float) -> "ServeProcess":
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
@@ -104,18 +111,10 @@ class ServeProcess:
             with open(self.log_path, "rb") as log:
                 log.seek(start)
                 self.banner = log.read().decode(errors="replace").splitlines(keepends=True)
-            for line in self.banner:
-                if not line.endswith("\n"):
-                    continue  # still being written
-                if line.startswith("HTTP listening on "):
-                    self.http_url = line.split()[-1]
-                elif line.startswith("gRPC listening on "):
-                    self.grpc_target = line.split()[-1]
-            if self.http_url and self.grpc_target:
+            if any(self._read_address(line) for line in self.banner if line.endswith("\n")):  # (whole lines)
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("bdserve serve did not start:\n" + "".join(self.banner))
+                self._failed()
             time.sleep(0.05)
         return self
 
