@@ -52,8 +52,14 @@ def request_id(given: str | bytes | None) -> str:
     return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
-def enable(on: bool = True) -> None:
-    """Access lines at INFO on stdout, whatever the server's --log-level (off: none)."""
+_SERVER_FIELDS: dict = {}  # fields every line of this process carries (a worker's number)
+
+
+def enable(on: bool = True, worker: int | None = None) -> None:
+    """Access lines at INFO on stdout, whatever the server's --log-level (off: none); a worker
+    of ``--workers N`` adds its number to each line."""
+    global _SERVER_FIELDS
+    _SERVER_FIELDS = {"worker": worker} if worker is not None else {}
     log.propagate = False
     for h in log.handlers:
         h.close()
@@ -154,7 +160,7 @@ def _chunks(lines: list[str], limit: int):
 
 def write(**fields) -> None:
     if log.isEnabledFor(logging.INFO):
-        log.info(orjson.dumps({"ts": round(time.time(), 3), **fields}).decode())
+        log.info(orjson.dumps({"ts": round(time.time(), 3), **fields, **_SERVER_FIELDS}).decode())
 
 
 class AccessLog:

@@ -224,7 +224,7 @@ class Server:
         cfg = self.config
         self._stop = asyncio.Event()
         bound_heap()  # large buffers go back to the system when freed
-        access_log.enable(cfg.access_log)
+        access_log.enable(cfg.access_log, worker=cfg.worker)
         self._tracing = Tracing(cfg.otel_endpoint) if cfg.otel_endpoint else None
         # Both ports are bound before anything starts, so a busy one fails with nothing to undo.
         sock = socket.socket(fileno=cfg.http_fd) if cfg.http_fd is not None else _bind(cfg.host, cfg.http_port)

@@ -39,6 +39,7 @@ import time
 from bdserve.serve.server import PortInUse, _bind, _url_host
 
 WORKER_ENV = "BDSERVE_WORKER"  # the worker's number, 1..N (set by the parent)
+READY_FD_ENV = "BDSERVE_READY_FD"  # a worker's write end of its readiness pipe
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 HTTP_FD_FLAG = "--worker-http-fd"
 
@@ -66,6 +67,30 @@ def hold_grpc_port(host: str, port: int) -> socket.socket:
     return holder
 
 
+def worker_output(number: int):
+    """In a worker: (echo for its own output lines, labelled; announce, which also tells the
+    parent on the readiness pipe once the worker listens)."""
+    import typer
+
+    ready_fd = os.environ.get(READY_FD_ENV)
+    label = f"[worker {number}] "
+
+    def echo(text: str, err: bool = False) -> None:
+        typer.echo(label + text, err=err)
+
+    def announce(text: str) -> None:
+        nonlocal ready_fd
+        echo(text)
+        if ready_fd is not None and text.startswith("HTTP listening on "):
+            fd, ready_fd = int(ready_fd), None
+            try:
+                os.write(fd, (text + "\n").encode())
+            finally:
+                os.close(fd)
+
+    return echo, announce
+
+
 def child_argv(argv: list[str], *, http_fd: int, grpc_port: int | None, threads: int) -> list[str]:
     """The worker's command line: the parent's own, with one worker, the inherited HTTP
     socket and the resolved ports and threads (click takes the last of a repeated option)."""
@@ -76,22 +101,30 @@ def child_argv(argv: list[str], *, http_fd: int, grpc_port: int | None, threads:
 
 
 class _Worker:
+    """One worker process. Its output goes straight to ours (inherited stdout and stderr,
+    each line labelled by the worker itself): passing every access line through this
+    process would make it a single-threaded bottleneck for N workers. Readiness comes on a
+    pipe of its own, where the worker writes its "HTTP listening on" line."""
+
     def __init__(self, number: int, cmd: list[str], env: dict, pass_fds: tuple[int, ...]):
         self.number = number
         self.ready = threading.Event()
-        self.proc = subprocess.Popen(cmd, env={**env, WORKER_ENV: str(number)}, pass_fds=pass_fds,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._forward, daemon=True, name=f"worker-{number}-output")
+        ready_r, ready_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(cmd, env={**env, WORKER_ENV: str(number), READY_FD_ENV: str(ready_w)},
+                                         pass_fds=(*pass_fds, ready_w), stdin=subprocess.DEVNULL)
+        finally:
+            os.close(ready_w)  # the worker holds the only write end: its exit ends the pipe
+        self._reader = threading.Thread(target=self._await_ready, args=(ready_r,), daemon=True,
+                                        name=f"worker-{number}-ready")
         self._reader.start()
 
-    def _forward(self) -> None:
-        """Worker output goes to ours, labelled; its banner tells us it is ready."""
-        for line in self.proc.stdout:
-            if line.startswith("HTTP listening on "):
-                self.ready.set()
-            print(f"[worker {self.number}] {line}", end="", flush=True)
-        self.ready.set()  # it exited: wake the waiter, which sees the exit code
+    def _await_ready(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as pipe:
+            for line in pipe:
+                if line.startswith(b"HTTP listening on "):
+                    self.ready.set()
+        self.ready.set()  # closed without it: the worker exited, and the waiter sees its exit code
 
     def stop(self) -> None:
         if self.proc.poll() is None:

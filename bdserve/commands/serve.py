@@ -75,6 +75,14 @@ def register(app: typer.Typer) -> None:
                                        grpc_port=None if no_grpc else grpc_port, threads=threads,
                                        grace_s=grace_s, announce=typer.echo))
 
+        echo, announce, log_format = typer.echo, typer.echo, "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if worker_http_fd is not None:  # one of --workers N: its lines say which worker it is
+            from bdserve.serve.workers import WORKER_ENV, worker_output
+
+            worker_number = int(os.environ.get(WORKER_ENV, "1"))
+            echo, announce = worker_output(worker_number)
+            log_format = log_format.replace("%(name)s", f"[worker {worker_number}] %(name)s")
+
         from bdserve.serve.errors import InvalidInput
         from bdserve.serve.server import ServeConfig, load_models, serve_forever
         from bdserve.serve.service import InferenceService
@@ -82,7 +90,7 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=log_level.upper(), format=log_format)
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         from bdserve.serve.images import FitPolicy
@@ -91,7 +99,7 @@ def register(app: typer.Typer) -> None:
         try:
             fit_policy = FitPolicy(fit, resize)
         except ValueError as e:
-            typer.echo(f"error: --fit/--resize: {e}", err=True)
+            echo(f"error: --fit/--resize: {e}", err=True)
             raise typer.Exit(2)
         if lab_keep is not None:
             from bdserve.serve.lab_keep import LabKeeper
@@ -101,7 +109,7 @@ def register(app: typer.Typer) -> None:
                     raise ValueError("--lab-keep needs --lab")
                 LabKeeper(lab_keep)  # checked now: a bad folder is a startup error, not a failed upload
             except (ValueError, OSError) as e:
-                typer.echo(f"error: {e}", err=True)
+                echo(f"error: {e}", err=True)
                 raise typer.Exit(2)
         limit = int(max_body_mb * 1024 * 1024)
         if on_suspect not in ("flag", "reject"):
@@ -113,16 +121,16 @@ def register(app: typer.Typer) -> None:
             models = load_models(store, model, broken=broken, defense=defense, backend=backend, device=device,
                                  lab=lab, detect=detect, max_pixels=max_pixels, threads=threads, fit=fit_policy)
         except (FileNotFoundError, ValueError, InvalidInput) as e:
-            typer.echo(f"error: {e}", err=True)
+            echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         for name, why in broken.items():
-            typer.echo(f"error: model {name} not served (answers 'not ready'): {why}", err=True)
+            echo(f"error: model {name} not served (answers 'not ready'): {why}", err=True)
         if not models:
-            typer.echo(f"error: no model in {store} could be loaded", err=True)
+            echo(f"error: no model in {store} could be loaded", err=True)
             raise typer.Exit(2)
         for m in models:
             detecting = f", detect {m.detection.describe()}, {on_suspect} suspects" if m.detect else ""
-            typer.echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}, fit {m.fit.spec}"
+            echo(f"model {m.name} v{m.version}: {m.runtime.describe()}, defense {m.defense_spec}, fit {m.fit.spec}"
                        f"{', lab' if lab else ''}{detecting}, input {m.channels}x{m.input_size[0]}x{m.input_size[1]}, "
                        f"{len(m.classes)} classes")
         service = InferenceService(models, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
@@ -134,12 +142,10 @@ def register(app: typer.Typer) -> None:
                              access_log=access_log.lower() not in ("off", "false", "0", "no"), lab_keep=lab_keep,
                              otel_endpoint=otel_endpoint)
         if worker_http_fd is not None:
-            from bdserve.serve.workers import WORKER_ENV
-
             config.http_fd, config.grpc_shared = worker_http_fd, True
-            config.worker = int(os.environ.get(WORKER_ENV, "1"))
+            config.worker = worker_number
         with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
-            code = runner.run(serve_forever(service, config, announce=lambda s: typer.echo(s)))
+            code = runner.run(serve_forever(service, config, announce=announce))
             # Everything is answered and every connection closed: skip the event loop's and the
             # interpreter's teardown (joining idle worker threads, then seconds of garbage
             # collection over torch and ONNX Runtime objects), so the process ends within the grace period.

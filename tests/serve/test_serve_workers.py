@@ -5,6 +5,7 @@ stops every worker with exit code 0."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -69,6 +70,15 @@ def test_two_workers_answer_on_one_port(one_model_store, rng):
     finally:
         code = srv.stop()
     assert code == 0
+    # Each worker writes its own lines (not relayed by the parent): labelled, and every access
+    # line says which worker answered it - all of them written before the workers exited.
+    output = srv.banner + srv.output
+    for n in (1, 2):
+        assert any(line.startswith(f"[worker {n}] model tiny") for line in output), output[:20]
+    access = [json.loads(line) for line in output if line.startswith('{"ts"')]
+    numbers = {int(w.split()[0]) for w in seen}
+    assert len(access) == sent + 1 + 1  # + the gRPC call and the /metrics request
+    assert {a["worker"] for a in access} == numbers == {1, 2}
     for p in pids:
         assert not Path(f"/proc/{p}").exists() or "zombie" in Path(f"/proc/{p}/status").read_text()
 
