@@ -41,7 +41,8 @@ def logger_with(handler: logging.Handler, name: str) -> logging.Logger:
 
 def test_lines_are_written_off_the_caller_in_order_and_in_whole_line_chunks():
     stream = RecordingStream()
-    log = logger_with(LineWriter(stream), "bdserve.test.access.order")
+    handler = LineWriter(stream)
+    log = logger_with(handler, "bdserve.test.access.order")
     for i in range(5000):
         log.info(json.dumps({"i": i, "pad": "x" * (i % 300)}))
     deadline = time.monotonic() + 10
@@ -52,6 +53,10 @@ def test_lines_are_written_off_the_caller_in_order_and_in_whole_line_chunks():
     assert [json.loads(s)["i"] for s in lines] == list(range(5000))
     assert all(w.endswith("\n") and len(w.encode()) <= select.PIPE_BUF for w in stream.writes)
     assert len(stream.writes) < 5000 / 10  # many lines to a write
+    log.info(json.dumps({"i": 5000}))
+    handler.close()  # writes what is left, and its thread ends
+    handler.thread.join(2)
+    assert not handler.thread.is_alive() and json.loads(stream.writes[-1].splitlines()[-1]) == {"i": 5000}
 
 
 def test_unread_stdout_does_not_block_and_dropped_lines_are_counted():
