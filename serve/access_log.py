@@ -62,7 +62,8 @@ def enable(on: bool = True, worker: int | None = None) -> None:
     _SERVER_FIELDS = {"worker": worker} if worker is not None else {}
     log.propagate = False
     for h in log.handlers:
-        h.close()
+        if isinstance(h, LineWriter):
+            h.stop()
     log.handlers.clear()
     if on:
         log.addHandler(LineWriter(sys.stdout))
@@ -102,7 +103,7 @@ class LineWriter(logging.Handler):
         self._wake = threading.Event()
         self._io = threading.Lock()  # one writer at a time, so chunks keep their order
         self._owner = -1  # the pid whose thread writes (a forked worker starts its own)
-        self._closed = False
+        self._stopped = False
         self.thread: threading.Thread | None = None
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
@@ -122,9 +123,9 @@ class LineWriter(logging.Handler):
         self._buffered += len(line)
 
     def _run(self) -> None:
-        while not self._closed:
+        while not self._stopped:
             self._wake.wait()
-            if not self._closed:
+            if not self._stopped:
                 time.sleep(self.GATHER_S)
             self._wake.clear()  # before taking the lines: one logged after this wakes us again
             self._write_out()
@@ -132,11 +133,17 @@ class LineWriter(logging.Handler):
     def flush(self) -> None:
         self._write_out()
 
-    def close(self) -> None:  # (enable() replacing this handler; logging's shutdown)
-        self._closed = True
-        self._wake.set()
+    def close(self) -> None:
+        # Not the end of this handler: logging.config.dictConfig (uvicorn's, at startup)
+        # closes every existing handler, including ones that stay attached and in use.
         self._write_out()
         super().close()
+
+    def stop(self) -> None:
+        """Write what is left and end the thread (enable() replacing this handler)."""
+        self._stopped = True
+        self._wake.set()
+        self._write_out()
 
     def _write_out(self) -> None:
         with self._io:

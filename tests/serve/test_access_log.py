@@ -54,9 +54,16 @@ def test_lines_are_written_off_the_caller_in_order_and_in_whole_line_chunks():
     assert all(w.endswith("\n") and len(w.encode()) <= select.PIPE_BUF for w in stream.writes)
     assert len(stream.writes) < 5000 / 10  # many lines to a write
     log.info(json.dumps({"i": 5000}))
-    handler.close()  # writes what is left, and its thread ends
+    handler.close()  # what logging.config does to every handler: this one keeps writing
+    log.info(json.dumps({"i": 5001}))
+    deadline = time.monotonic() + 5
+    while '"i": 5001' not in "".join(stream.writes) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert '"i": 5001' in "".join(stream.writes)
+    log.info(json.dumps({"i": 5002}))
+    handler.stop()  # writes what is left, and its thread ends
     handler.thread.join(2)
-    assert not handler.thread.is_alive() and json.loads(stream.writes[-1].splitlines()[-1]) == {"i": 5000}
+    assert not handler.thread.is_alive() and json.loads(stream.writes[-1].splitlines()[-1]) == {"i": 5002}
 
 
 def test_unread_stdout_does_not_block_and_dropped_lines_are_counted():
