@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -31,7 +32,6 @@ MAX_HEAD_BYTES = 16 * 1024  # as h11's default, which this server used before
 LINGER_S = 2.0
 
 _HEAD_TOO_LARGE = f"request headers over this server's limit of {MAX_HEAD_BYTES} bytes"
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
 
 
 def guarded_http_protocol(head_timeout_s: float):
@@ -89,9 +89,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if not self._awaiting_head or self._lingering or self.transport.is_closing():
-            return
-        if self.cycle is not None and not self.cycle.response_complete:
-            return  # an answer is still being written: its completion re-arms the clock
+            return  # (armed only while no request runs: at connect and after each answer)
         if self._head_bytes:
             self._refuse(408, f"the request head did not arrive within {self.head_timeout_s:g} s")
         else:
@@ -138,7 +136,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, text: str) -> None:
         self._disarm_head_timer()
         body = json.dumps({"error": text}).encode()
-        head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
         self.transport.write(head + body)
         self._lingering = True

@@ -70,13 +70,11 @@ def hold_grpc_port(host: str, port: int) -> socket.socket:
 def worker_output(number: int):
     """In a worker: (echo for its own output lines, labelled; announce, which also tells the
     parent on the readiness pipe once the worker listens)."""
-    import typer
-
     ready_fd = os.environ.get(READY_FD_ENV)
     label = f"[worker {number}] "
 
     def echo(text: str, err: bool = False) -> None:
-        typer.echo(label + text, err=err)
+        print(label + text, file=sys.stderr if err else sys.stdout, flush=True)
 
     def announce(text: str) -> None:
         nonlocal ready_fd
