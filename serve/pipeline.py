@@ -66,8 +66,11 @@ class Prediction:
         return len(self.labels)
 
     def slice(self, start: int, stop: int) -> "Prediction":
-        """Images start..stop: every per-image field is cut, per-request fields are shared."""
+        """Images start..stop: every per-image field is cut, per-request fields are shared
+        (all of them: the prediction itself, e.g. a request that had its batch to itself)."""
         n = len(self)
+        if start <= 0 and stop >= n:
+            return self
         cut = {f.name: v[start:stop] if isinstance(v, (np.ndarray, list)) and len(v) == n else v
                for f in fields(self) for v in [getattr(self, f.name)]}
         return Prediction(**cut)

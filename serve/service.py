@@ -137,14 +137,17 @@ class InferenceService:
         # Refused here, before queueing (lab mode, bad spec); the cached Transform object is
         # what the batcher groups by, so "Flip", "flip" and no parameter share a batch.
         defense = model.resolve_defense(request.defense)
-        gauge, queued = self.metrics.inflight.labels(model=model.name), self.metrics.queued.labels(model=model.name)
+        gauge, queued = self.metrics.inflight_of(model.name), self.metrics.queued_of(model.name)
         images = len(x)
         gauge.inc()
         queued.inc(images)
         try:
-            # Encoded images hold the server-wide pixel budget while they queue and decode.
-            async with self.pixels.reserve(0 if isinstance(x, torch.Tensor) else largest_image(model, x)):
-                pred = await self.batchers[(model.name, model.version)].submit(x, defense)
+            batcher = self.batchers[(model.name, model.version)]
+            if isinstance(x, torch.Tensor):
+                pred = await batcher.submit(x, defense)
+            else:  # encoded images hold the server-wide pixel budget while they queue and decode
+                async with self.pixels.reserve(largest_image(model, x)):
+                    pred = await batcher.submit(x, defense)
         finally:
             gauge.dec()
             queued.dec(images)
