@@ -17,6 +17,11 @@ Each refusal is followed by a lingering close: the connection stops reading into
 parser, sends its FIN, and swallows what the client still sends for ``LINGER_S`` -
 closing at once would reset the connection under a client still sending 8 MiB of
 header, which then never sees the answer.
+
+Each refusal is also an access line like any answered request (status, bytes in and
+out, a request id, and ``"refused"`` saying why). uvicorn's own WARNING for each request
+its parser refuses is filtered out: a client sending garbage in a loop would otherwise
+fill the error log, while access lines go through a bounded buffer (serve/access_log.py).
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
+import time
 from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from bdserve.serve import access_log
 
 MAX_HEAD_BYTES = 16 * 1024  # as h11's default, which this server used before
 LINGER_S = 2.0
@@ -34,8 +43,22 @@ LINGER_S = 2.0
 _HEAD_TOO_LARGE = f"request headers over this server's limit of {MAX_HEAD_BYTES} bytes"
 
 
+_UVICORN_PARSER_WARNING = "Invalid HTTP request received."
+
+
+class _NoParserWarning(logging.Filter):
+    """Drops uvicorn's per-request warning for what its parser refuses (the access line says it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _UVICORN_PARSER_WARNING
+
+
+_NO_PARSER_WARNING = _NoParserWarning()
+
+
 def guarded_http_protocol(head_timeout_s: float):
     """The protocol class for ``uvicorn.Config(http=...)``, with this server's head deadline."""
+    logging.getLogger("uvicorn.error").addFilter(_NO_PARSER_WARNING)  # (a set: added once)
     return functools.partial(GuardedHttpProtocol, head_timeout_s=head_timeout_s)
 
 
@@ -51,6 +74,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # received while reading the head
         self._head_parsed = 0  # of the head the parser has handed over
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started = time.perf_counter()  # for a refusal's access line
         self._lingering = False
 
     # ---------------------------------------------------------------- the head's deadline
@@ -79,6 +103,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
+        self._head_started = time.perf_counter()
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def _disarm_head_timer(self) -> None:
@@ -140,6 +165,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
         self.transport.write(head + body)
         self._lingering = True
+        access_log.write(protocol="http", method=None, path=None, model=None, status=status,
+                         duration_ms=round((time.perf_counter() - self._head_started) * 1000, 3),
+                         bytes_in=self._head_bytes, bytes_out=len(head) + len(body),
+                         request_id=access_log.request_id(None), refused=text)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)

@@ -128,3 +128,35 @@ def test_a_server_writing_straight_to_its_log_file_is_started_and_logs_there(ser
         assert srv.stop() == 0
     assert srv.output == [] and any(line.startswith("HTTP listening on ") for line in srv.banner)
     assert '"request_id":"direct-1"' in log_path.read_text()
+
+
+def test_refused_requests_are_access_lines_not_error_log_warnings(served_store):
+    """What the HTTP parser refuses gets an access line (status, why); uvicorn's own WARNING per
+    refused request is filtered, so a client sending garbage in a loop cannot fill the error log."""
+    import socket
+
+    from bdserve.testing import ServeProcess
+
+    srv = ServeProcess(served_store, ["tiny"]).start()
+    garbage = [b"\x16\x03\x01\x02\x00 not HTTP\r\n\r\n",
+               b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+               b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"]
+    try:
+        for i in range(30):
+            with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as s:
+                s.sendall(garbage[i % 3])
+                assert s.recv(64).startswith(b"HTTP/1.1 4")
+    finally:
+        assert srv.stop() == 0
+    time.sleep(0.2)
+    refused = []
+    for line in srv.output:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and "refused" in doc:
+            refused.append(doc)
+    assert sorted(d["status"] for d in refused) == [400] * 20 + [431] * 10, refused[:3]
+    assert all(d["protocol"] == "http" and d["bytes_out"] > 0 and d["request_id"] for d in refused)
+    assert not [line for line in srv.output if "Invalid HTTP request" in line]
