@@ -53,20 +53,23 @@ def request_id(given: str | bytes | None) -> str:
 
 
 _SERVER_FIELDS: dict = {}  # fields every line of this process carries (a worker's number)
+_WRITER: "LineWriter | None" = None  # enable()'s handler: write() hands it lines directly
 
 
 def enable(on: bool = True, worker: int | None = None) -> None:
     """Access lines at INFO on stdout, whatever the server's --log-level (off: none); a worker
     of ``--workers N`` adds its number to each line."""
-    global _SERVER_FIELDS
+    global _SERVER_FIELDS, _WRITER
     _SERVER_FIELDS = {"worker": worker} if worker is not None else {}
     log.propagate = False
     for h in log.handlers:
         if isinstance(h, LineWriter):
             h.stop()
     log.handlers.clear()
+    _WRITER = None
     if on:
-        log.addHandler(LineWriter(sys.stdout))
+        _WRITER = LineWriter(sys.stdout)
+        log.addHandler(_WRITER)
         log.setLevel(logging.INFO)
     else:
         log.setLevel(logging.CRITICAL + 1)
@@ -107,13 +110,21 @@ class LineWriter(logging.Handler):
         self.thread: threading.Thread | None = None
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        self._add(record.getMessage())
+
+    def add(self, message: str) -> None:
+        """A line straight from ``write``: what ``emit`` does, without a LogRecord."""
+        with self.lock:
+            self._add(message)
+
+    def _add(self, message: str) -> None:
         if self._owner != os.getpid():  # the first line of this process (a fork inherits no thread)
             self._owner = os.getpid()
             self._lines, self._buffered, self._dropped = [], 0, 0
             self._wake, self._io = threading.Event(), threading.Lock()
             self.thread = threading.Thread(target=self._run, name="access-log", daemon=True)
             self.thread.start()
-        line = record.getMessage() + "\n"
+        line = message + "\n"
         if self._buffered + len(line) > self.MAX_BUFFERED_BYTES:
             self._dropped += 1
             return
@@ -176,8 +187,17 @@ def _chunks(lines: list[str], limit: int):
 
 
 def write(**fields) -> None:
-    if log.isEnabledFor(logging.INFO):
-        log.info(orjson.dumps({"ts": round(time.time(), 3), **fields, **_SERVER_FIELDS}).decode())
+    """One access line. With the logger as enable() left it, the line goes to its writer
+    directly: the logging module's record (caller lookup, thread and process names) cost
+    more than the line itself. A handler added since gets records as usual."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    line = orjson.dumps({"ts": round(time.time(), 3), **fields, **_SERVER_FIELDS}).decode()
+    handlers = log.handlers
+    if _WRITER is not None and len(handlers) == 1 and handlers[0] is _WRITER and not log.disabled:
+        _WRITER.add(line)
+    else:
+        log.info(line)
 
 
 class AccessLog:

@@ -66,6 +66,31 @@ def test_lines_are_written_off_the_caller_in_order_and_in_whole_line_chunks():
     assert not handler.thread.is_alive() and json.loads(stream.writes[-1].splitlines()[-1]) == {"i": 5002}
 
 
+def test_write_goes_straight_to_the_writer_and_still_honours_the_logger(monkeypatch):
+    """write() skips the logging module's records when the logger is as enable() left it, but a
+    level set on the logger still silences it and a handler added since still gets every line."""
+    from bdserve.serve import access_log
+
+    stream = RecordingStream()
+    monkeypatch.setattr("sys.stdout", stream)
+    try:
+        access_log.enable(True)
+        access_log.write(i=1)
+        access_log.log.setLevel(logging.WARNING)
+        access_log.write(i=2)  # silenced
+        access_log.log.setLevel(logging.INFO)
+        seen = []
+        extra = logging.Handler()
+        extra.emit = lambda record: seen.append(json.loads(record.getMessage())["i"])
+        access_log.log.addHandler(extra)
+        access_log.write(i=3)  # through logging: both handlers
+        access_log.flush()
+        assert [json.loads(s)["i"] for s in "".join(stream.writes).splitlines()] == [1, 3]
+        assert seen == [3]
+    finally:
+        access_log.enable(False)
+
+
 def test_unread_stdout_does_not_block_and_dropped_lines_are_counted():
     r, w = os.pipe()  # nobody reads r until the end: writes block once the pipe is full
     try:
