@@ -327,6 +327,8 @@ class DefendedModel:
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """float [0, 1] batch on self.device -> probabilities on the host, in runtime calls of
         bounded size (the detectors' views multiply a batch by tens)."""
+        if len(x) <= CLASSIFY_CHUNK:
+            return _to_probs(self._forward(x))
         return torch.cat([_to_probs(self._forward(c)) for c in torch.split(x, CLASSIFY_CHUNK)])
 
     def postprocess(self, pred: Prediction, top_k: int = 5) -> list[dict[str, float]]:

@@ -53,6 +53,10 @@ def randint(n: int, high_inclusive: torch.Tensor | int, x: torch.Tensor, generat
     """Integers uniform over 0..high (inclusive), per sample; ``high`` may differ per sample."""
     dev = _draw_device(x.device, generator)
     u = torch.rand(n, generator=generator, device=dev)
+    if isinstance(high_inclusive, int):
+        # The same numbers in three in-place ops: a served single image draws two of these,
+        # and each torch op costs microseconds at that size.
+        return u.mul_(high_inclusive + 1).floor_().clamp_(max=high_inclusive).to(device=x.device, dtype=torch.long)
     high = torch.as_tensor(high_inclusive, device=dev)
     return torch.floor(u * (high + 1)).clamp(max=high).to(device=x.device, dtype=torch.long)
 

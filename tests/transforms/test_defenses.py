@@ -59,6 +59,35 @@ def test_shrinkpad_is_reproducible_under_the_same_generator_and_varies_otherwise
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("b", [1, 3, 8, 9, 40])
+def test_placing_by_copy_and_by_gather_give_the_same_images(b, monkeypatch):
+    """A few images on the CPU are placed by copying each into its canvas, more by one gather:
+    the same pixels either way, for every offset."""
+    from bdserve.transforms import spatial
+
+    small = torch.rand(b, 3, 28, 28)
+    gen = torch.Generator().manual_seed(b)
+    top, left = torch.randint(0, 5, (b,), generator=gen), torch.randint(0, 5, (b,), generator=gen)
+    monkeypatch.setattr(spatial, "PLACE_BY_COPY_MAX", 10**6)
+    by_copy = spatial.place(small, top, left, 32, 32)
+    monkeypatch.setattr(spatial, "PLACE_BY_COPY_MAX", 0)
+    by_gather = spatial.place(small, top, left, 32, 32)
+    assert torch.equal(by_copy, by_gather)
+
+
+def test_integer_draws_are_the_stream_they_always_were():
+    """randint's shortcut for a constant bound draws the same numbers as the general form
+    (seeded experiments and enhanced trainings reproduce across versions)."""
+    from bdserve.transforms.base import randint
+
+    x = torch.zeros(1)
+    for high in (0, 1, 4, 31):
+        a = randint(5000, high, x, torch.Generator().manual_seed(high))
+        u = torch.rand(5000, generator=torch.Generator().manual_seed(high))
+        expected = torch.floor(u * (torch.tensor(high) + 1)).clamp(max=torch.tensor(high)).long()
+        assert torch.equal(a, expected) and int(a.min()) == 0 and int(a.max()) == high
+
+
 def test_flip_is_a_left_right_mirror():
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5) / 120
     out = Flip()(x)
