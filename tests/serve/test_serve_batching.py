@@ -85,7 +85,7 @@ class _SlowModel:
     device = torch.device("cpu")
 
     def __init__(self, seconds: float = 0.05):
-        self.batches, self.seconds = [], seconds
+        self.batches, self.seconds, self.tasks = [], seconds, []
 
     def predict(self, x, *, defense=None):
         import time
@@ -94,6 +94,10 @@ class _SlowModel:
 
         time.sleep(self.seconds)
         self.batches.append((int(x.shape[0]), defense))
+        try:  # which task ran the batch (None: the model's thread)
+            self.tasks.append(asyncio.current_task().get_name())
+        except RuntimeError:
+            self.tasks.append(None)
         b = x.shape[0]
         probs = np.stack([x[:, 0, 0, 0].float().numpy(), np.full(b, 0.5, np.float32)], 1)
         return Prediction(probs, np.zeros(b, np.int64), ["a"] * b, defense or "flip")
@@ -147,6 +151,39 @@ def test_lone_request_does_not_wait_for_the_queue_delay():
 
     assert asyncio.run(main()) < 1.0  # far less than the 2 s window
     assert model.batches == [(1, None)]
+
+
+def test_a_lone_request_runs_in_its_own_task_and_same_turn_arrivals_still_batch():
+    """A lone request runs without the batcher's task; requests arriving in the same turn of
+    the loop queue with it and run as one batch; one cancelled in its turn leaves nothing queued."""
+    from bdserve.serve.batching import Batcher
+
+    model = _SlowModel(seconds=0.0)
+
+    async def main():
+        b = Batcher(model, max_batch_size=32, max_queue_delay_ms=2000)
+        b.start()
+        one = torch.zeros(1, 3, 2, 2)
+        await asyncio.sleep(0.01)  # (the model idle a while: a lone request may run inline)
+        await asyncio.create_task(b.submit(one), name="lone")
+        await asyncio.sleep(0.01)
+        burst = await asyncio.gather(*(b.submit(one) for _ in range(5)))
+        await asyncio.sleep(0.01)
+        cancelled = asyncio.create_task(b.submit(one))
+        await asyncio.sleep(0)  # it takes its turn ...
+        cancelled.cancel()  # ... and the client goes away
+        await asyncio.gather(cancelled, return_exceptions=True)
+        left = len(b._pending)
+        await asyncio.sleep(0.01)
+        after = await b.submit(one)
+        await b.close()
+        return burst, left, after
+
+    burst, left, after = asyncio.run(main())
+    assert len(burst) == 5 and left == 0 and len(after) == 1
+    assert model.batches == [(1, None), (5, None), (1, None)]
+    assert model.tasks[0] == "lone"  # in the request's own task, not the batcher's
+    assert model.tasks[1] in ("batcher-slow", None)  # the burst: formed by the batcher
 
 
 def test_batcher_waits_for_arrivals_only_up_to_the_delay():
