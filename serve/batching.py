@@ -201,9 +201,10 @@ class Batcher:
         return pieces
 
     def _alone(self, item: _Item) -> bool:
-        """The request is the only one queued, the batcher idle, and it may run inline."""
+        """The request is the only one queued, the batcher idle, and it may run inline as one batch."""
         return (not self._busy and not self._closing and len(self._pending) == 1 and self._pending[0] is item
-                and not item.future.done() and self._inline([_Piece(item, 0, item.n)], queued=1))
+                and item.n <= self.max_batch_size and not item.future.done()
+                and self._inline([_Piece(item, 0, item.n)], queued=1))
 
     def _inline(self, pieces: list[_Piece], queued: int = 0) -> bool:
         """A lone small batch runs on the event loop itself: with nothing queued or on its way

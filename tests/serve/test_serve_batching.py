@@ -185,6 +185,19 @@ def test_a_lone_request_runs_in_its_own_task_and_same_turn_arrivals_still_batch(
     assert model.tasks[0] == "lone"  # in the request's own task, not the batcher's
     assert model.tasks[1] in ("batcher-slow", None)  # the burst: formed by the batcher
 
+    # A lone request larger than the maximum batch still runs as batches of at most that size.
+    small = _SlowModel(seconds=0.0)
+
+    async def split():
+        b = Batcher(small, max_batch_size=2, max_queue_delay_ms=5)
+        b.start()
+        await asyncio.sleep(0.01)
+        out = await b.submit(torch.zeros(3, 3, 2, 2))
+        await b.close()
+        return out
+
+    assert len(asyncio.run(split())) == 3 and small.batches == [(2, None), (1, None)]
+
 
 def test_batcher_waits_for_arrivals_only_up_to_the_delay():
     """Requests the doors announce but never queue hold a batch back at most the delay."""
