@@ -90,11 +90,12 @@ class Metrics:
                                 "Requests refused because an image was flagged (--on-suspect reject)", ["model"],
                                 registry=r)
 
-        # The children the request path counts with, by label values in declaration order.
+        # The children the request and batch path counts with, by label values in declaration order.
         self._requests, self._request_duration = _Children(self.requests), _Children(self.request_duration)
         self._batch_size, self._predictions = _Children(self.batch_size), _Children(self.predictions)
         self._defense_duration, self._inference_duration = (_Children(self.defense_duration),
                                                             _Children(self.inference_duration))
+        self._suspected, self._trigger_score = _Children(self.suspected), _Children(self.trigger_score)
         self.inflight_of, self.queued_of = _Children(self.inflight), _Children(self.queued)
 
     def describe_model(self, model) -> None:
@@ -123,9 +124,9 @@ class Metrics:
         for label in pred.labels:
             self._predictions(model.name, label).inc()
         if pred.suspected is not None:
-            self.suspected.labels(model=model.name).inc(int(pred.suspected.sum()))
+            self._suspected(model.name).inc(int(pred.suspected.sum()))
         for method in pred.detector_methods:
-            hist = self.trigger_score.labels(model=model.name, method=method)
+            hist = self._trigger_score(model.name, method)
             for v in pred.detector_score(method):
                 hist.observe(float(v))
 
