@@ -194,7 +194,7 @@ def write(**fields) -> None:
         return
     line = orjson.dumps({"ts": round(time.time(), 3), **fields, **_SERVER_FIELDS}).decode()
     handlers = log.handlers
-    if _WRITER is not None and len(handlers) == 1 and handlers[0] is _WRITER and not log.disabled:
+    if _WRITER is not None and len(handlers) == 1 and handlers[0] is _WRITER:
         _WRITER.add(line)
     else:
         log.info(line)
