@@ -87,8 +87,10 @@ class LineWriter(logging.Handler):
     A line per request written and flushed on the loop was one system call per request,
     and a blocking one whenever the reader of stdout fell behind (at 32 gRPC clients this
     writer answers 10% more requests/s).
-    Here ``emit`` appends to a buffer; the thread wakes when the buffer stops being empty,
-    lets lines gather for ``GATHER_S``, and writes them in chunks of whole lines of at most
+    Here ``emit`` appends to a buffer; the thread lets lines gather for ``GATHER_S`` and
+    writes them, again and again while lines keep coming, and sleeps on an event only once a
+    gathering brought none (setting an event is a lock, a condition and a thread woken: done
+    once per busy spell, not every ``GATHER_S``). It writes in chunks of whole lines of at most
     ``PIPE_BUF`` bytes (a chunk that size lands in a pipe whole, so the lines of several
     worker processes sharing one stdout never cut into each other). The buffer is bounded:
     past ``MAX_BUFFERED_BYTES`` (stdout not read at all) lines are dropped and counted, and
@@ -104,6 +106,7 @@ class LineWriter(logging.Handler):
         self._buffered = 0
         self._dropped = 0
         self._wake = threading.Event()
+        self._idle = True  # the thread sleeps on _wake: the next line must set it
         self._io = threading.Lock()  # one writer at a time, so chunks keep their order
         self._owner = -1  # the pid whose thread writes (a forked worker starts its own)
         self._stopped = False
@@ -121,14 +124,15 @@ class LineWriter(logging.Handler):
         if self._owner != os.getpid():  # the first line of this process (a fork inherits no thread)
             self._owner = os.getpid()
             self._lines, self._buffered, self._dropped = [], 0, 0
-            self._wake, self._io = threading.Event(), threading.Lock()
+            self._wake, self._io, self._idle = threading.Event(), threading.Lock(), True
             self.thread = threading.Thread(target=self._run, name="access-log", daemon=True)
             self.thread.start()
         line = message + "\n"
         if self._buffered + len(line) > self.MAX_BUFFERED_BYTES:
             self._dropped += 1
             return
-        if not self._lines:
+        if self._idle:
+            self._idle = False
             self._wake.set()
         self._lines.append(line)
         self._buffered += len(line)
@@ -136,10 +140,15 @@ class LineWriter(logging.Handler):
     def _run(self) -> None:
         while not self._stopped:
             self._wake.wait()
-            if not self._stopped:
+            self._wake.clear()
+            while not self._stopped:  # busy: gather and write until a gathering brings nothing
                 time.sleep(self.GATHER_S)
-            self._wake.clear()  # before taking the lines: one logged after this wakes us again
-            self._write_out()
+                with self.lock:
+                    if not self._lines and not self._dropped:
+                        self._idle = True  # under the lock: the next line sees it and wakes us
+                        break
+                self._write_out()
+        self._write_out()
 
     def flush(self) -> None:
         self._write_out()

@@ -64,6 +64,7 @@ class PixelBudget:
         self.wait_s = wait_s
         self.in_use = 0
         self._freed = asyncio.Condition()
+        self._waiting = 0  # requests waiting for room: only they need telling when pixels free up
 
     @asynccontextmanager
     async def reserve(self, pixels: int):
@@ -79,18 +80,22 @@ class PixelBudget:
             self.in_use += pixels
         else:
             async with self._freed:
+                self._waiting += 1
                 try:
                     await asyncio.wait_for(self._freed.wait_for(lambda: self.in_use + pixels <= self.limit), self.wait_s)
                 except asyncio.TimeoutError:
                     raise Overloaded(f"the server is decoding as many pixels as it may ({self.in_use} of {self.limit}); "
                                      "retry later") from None
+                finally:
+                    self._waiting -= 1
                 self.in_use += pixels
         try:
             yield
         finally:
             self.in_use -= pixels
-            async with self._freed:
-                self._freed.notify_all()
+            if self._waiting:
+                async with self._freed:
+                    self._freed.notify_all()
             if pixels >= LARGE_DECODE:
                 give_back_memory()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 from bdserve.serve.errors import InvalidInput, Overloaded, PayloadTooLarge, ServeError
@@ -41,6 +42,16 @@ class BadFraming(InvalidInput):
 
 class ShuttingDown(Overloaded):
     """The server is draining for shutdown (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+if sys.version_info >= (3, 11):
+    async def _within(awaitable, seconds: float):
+        """``awaitable`` in this task, bounded: Python 3.11's ``wait_for`` wraps it in a task
+        of its own, one more task and loop turn for every body, even one already here."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - 3.10
+    _within = asyncio.wait_for
 
 
 class HttpGuard:
@@ -147,7 +158,7 @@ class _Body:
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            message = await asyncio.wait_for(self._receive(), remaining)
+            message = await _within(self._receive(), remaining)
         except asyncio.TimeoutError:
             raise BodyTimeout(f"the request body did not arrive within {self.guard.body_timeout_s:g} s "
                               f"({self.seen} bytes came)") from None

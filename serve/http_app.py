@@ -276,10 +276,9 @@ async def _predictions(service: InferenceService, name: str, version: str | None
     model = service.get(name, version)
     blob = upload_image(await request.body(), request.headers.get("content-type", ""))
     # ?defense=SPEC: like OIP's parameters.defense, honoured only by a --lab server (else 403).
-    defense = request.query_params.get(oip.DEFENSE)
-    resp = await service.infer(oip.InferRequest(
+    defense = request.query_params.get(oip.DEFENSE) if request.scope["query_string"] else None
+    pred = await service.predict(oip.InferRequest(
         model=name, version=version, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
         parameters={} if defense is None else {oip.DEFENSE: defense}))
-    pred = resp.prediction
-    return Response(orjson.dumps(model.postprocess(pred)[0], option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+    return Response(orjson.dumps(model.postprocess(pred)[0]), media_type="application/json",
                     headers=oip.prediction_headers(pred, 0))

@@ -170,10 +170,9 @@ async def _analyze(service: InferenceService, keep: LabKeeper | None, name: str,
     blob = await request.body()
     x, how = await asyncio.to_thread(model.decode_with_fits, [blob])  # decoded and fitted once, off the event loop
     pixels = oip.Tensor(oip.TENSOR_INPUT, "UINT8", list(x.shape), x.cpu().numpy())
-    answers = await asyncio.gather(*(
-        service.infer(oip.InferRequest(model=model.name, input=pixels, parameters={oip.DEFENSE: d}))
+    preds = await asyncio.gather(*(
+        service.predict(oip.InferRequest(model=model.name, input=pixels, parameters={oip.DEFENSE: d}))
         for d in compared_defenses(model)))
-    preds = [a.prediction for a in answers]
     doc = {
         "model": model.name,
         "version": model.version,

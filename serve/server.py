@@ -261,6 +261,7 @@ class Server:
             http_app = self._tracing.wrap_asgi(http_app)
         self._uvicorn = _Uvicorn(uvicorn.Config(
             http_app, log_level=cfg.log_level, access_log=False, lifespan="off",
+            server_header=False,  # no "server: uvicorn": the server does not advertise its software
             http=guarded_http_protocol(head_timeout_s=cfg.body_timeout_s),
             timeout_graceful_shutdown=cfg.grace_s,  # (_Uvicorn.shutdown keeps its own deadline)
         ))

@@ -130,7 +130,13 @@ class InferenceService:
 
     # --------------------------------------------------------------- inference
     async def infer(self, request: oip.InferRequest) -> oip.InferResponse:
-        """One request through the model's batcher: input -> tensor, defense resolved, answer built."""
+        """One request through the model's batcher, answered with the outputs it asked for."""
+        model = self.get(request.model, request.version)
+        return oip.infer_response(request, model, await self.predict(request))
+
+    async def predict(self, request: oip.InferRequest):
+        """One request through the model's batcher: input -> tensor, defense resolved; its
+        Prediction (the doors that answer in their own shape need no OIP outputs built)."""
         model = self.get(request.model, request.version)
         oip.check_outputs(request, model)
         x = self._to_tensor(model, request.input)
@@ -158,7 +164,7 @@ class InferenceService:
                 f"refused: the trigger detectors of model {model.name} flag image(s) {flagged[:20]} of this request "
                 f"as a likely backdoor trigger (score {float(pred.trigger_score.max()):.3g} > 0; "
                 f"this server rejects suspected inputs)")
-        return oip.infer_response(request, model, pred)
+        return pred
 
     def _to_tensor(self, model: DefendedModel, t: oip.Tensor) -> torch.Tensor | list[bytes]:
         """A decoded OIP input -> the model's uint8/float batch, or the encoded images, which

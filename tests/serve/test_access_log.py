@@ -66,6 +66,40 @@ def test_lines_are_written_off_the_caller_in_order_and_in_whole_line_chunks():
     assert not handler.thread.is_alive() and json.loads(stream.writes[-1].splitlines()[-1]) == {"i": 5002}
 
 
+def test_a_busy_writer_is_not_woken_per_gathering_and_an_idle_one_wakes_for_the_next_line():
+    """Setting an event costs the logging thread a lock, a condition and a woken thread: while
+    lines keep coming the writer keeps gathering without being woken; once idle, one line wakes it."""
+    stream = RecordingStream()
+    handler = LineWriter(stream)
+    log = logger_with(handler, "bdserve.test.access.wake")
+    log.info(json.dumps({"i": -1}))  # starts the thread
+    deadline = time.monotonic() + 5
+    while not handler._idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    wake, sets = handler._wake, []
+    real_set = wake.set
+    wake.set = lambda: (sets.append(1), real_set())
+    try:
+        t_end, i = time.monotonic() + 0.4, 0  # a line per ms for 0.4 s: about 40 gatherings
+        while time.monotonic() < t_end:
+            log.info(json.dumps({"i": i}))
+            i += 1
+            time.sleep(0.001)
+        assert len(sets) <= 2, f"woken {len(sets)} times while busy"
+        deadline = time.monotonic() + 5
+        while not handler._idle and time.monotonic() < deadline:  # a gathering with no lines: idle
+            time.sleep(0.01)
+        assert handler._idle
+        log.info(json.dumps({"i": "after"}))
+        deadline = time.monotonic() + 5
+        while '"after"' not in "".join(stream.writes) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lines = [json.loads(s)["i"] for s in "".join(stream.writes).splitlines()]
+        assert lines == [-1, *range(i), "after"]
+    finally:
+        handler.stop()
+
+
 def test_write_goes_straight_to_the_writer_and_still_honours_the_logger(monkeypatch):
     """write() skips the logging module's records when the logger is as enable() left it, but a
     level set on the logger still silences it and a handler added since still gets every line."""

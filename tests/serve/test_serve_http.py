@@ -42,7 +42,9 @@ def parse_binary_response(resp: httpx.Response) -> dict:
 
 def test_health_and_metadata(server):
     url = server.http_url
-    assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
+    live = httpx.get(f"{url}/v2/health/live")
+    assert live.json() == {"live": True}
+    assert "server" not in live.headers  # the server does not advertise its software
     assert httpx.get(f"{url}/v2/health/ready").status_code == 200
     meta = httpx.get(f"{url}/v2").json()
     assert meta["name"] == "bdserve" and "binary_tensor_data" in meta["extensions"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import io
 
 import numpy as np
@@ -135,6 +137,12 @@ def test_postprocess_top_k(tiny_model, rng):
     docs = tiny_model.postprocess(p, top_k=3)
     assert len(docs) == 2 and all(len(d) == 3 for d in docs)
     assert list(docs[0])[0] == p.labels[0]
+    for doc, row in zip(docs, p.probs):  # each row's own top 3, highest first, as plain floats
+        order = sorted(range(len(row)), key=lambda i: -row[i])[:3]
+        assert doc == {tiny_model.classes[i]: float(row[i]) for i in order}
+        assert all(type(v) is float for v in doc.values())
+    tied = replace(p, probs=np.array([[0.1, 0.3, 0.3, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32))
+    assert list(tiny_model.postprocess(tied, top_k=2)[0]) == tiny_model.classes[1:3]  # ties: the lower index first
 
 
 @pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
