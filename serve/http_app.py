@@ -276,7 +276,7 @@ async def _predictions(service: InferenceService, name: str, version: str | None
     model = service.get(name, version)
     blob = upload_image(await request.body(), request.headers.get("content-type", ""))
     # ?defense=SPEC: like OIP's parameters.defense, honoured only by a --lab server (else 403).
-    defense = request.query_params.get(oip.DEFENSE) if request.scope["query_string"] else None
+    defense = request.query_params.get(oip.DEFENSE) if request.scope.get("query_string") else None
     pred = await service.predict(oip.InferRequest(
         model=name, version=version, input=oip.Tensor(oip.IMAGE_INPUT, "BYTES", [1], [blob]),
         parameters={} if defense is None else {oip.DEFENSE: defense}))

@@ -25,7 +25,7 @@ from bdserve.serve.budget import PixelBudget, declared_pixels
 from bdserve.serve.errors import InvalidInput, ModelUnavailable, NotFound, SuspectedTrigger, shown
 from bdserve.serve.metrics import UNKNOWN_MODEL, Metrics
 from bdserve.serve.images import DEFAULT_MAX_PIXELS
-from bdserve.serve.pipeline import DefendedModel
+from bdserve.serve.pipeline import DefendedModel, Prediction
 from bdserve.serve.repository import version_key
 
 SERVER_NAME = "bdserve"
@@ -134,7 +134,7 @@ class InferenceService:
         model = self.get(request.model, request.version)
         return oip.infer_response(request, model, await self.predict(request))
 
-    async def predict(self, request: oip.InferRequest):
+    async def predict(self, request: oip.InferRequest) -> Prediction:
         """One request through the model's batcher: input -> tensor, defense resolved; its
         Prediction (the doors that answer in their own shape need no OIP outputs built)."""
         model = self.get(request.model, request.version)
