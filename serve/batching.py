@@ -138,7 +138,8 @@ class Batcher:
                         item.taken = n
                         self._run_inline(loop, [_Piece(item, 0, n)])
                         return fut.result()
-                self._wakeup.set()
+                if item.taken < n:  # (the batcher's task may have taken it all during the turn: a
+                    self._wakeup.set()  # wake-up now would be stale, and catch the next lone request)
                 return await fut
             finally:
                 self._queued_images -= n

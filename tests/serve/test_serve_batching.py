@@ -199,6 +199,28 @@ def test_a_lone_request_runs_in_its_own_task_and_same_turn_arrivals_still_batch(
     assert len(asyncio.run(split())) == 3 and small.batches == [(2, None), (1, None)]
 
 
+def test_lone_requests_back_to_back_each_run_in_their_own_task(monkeypatch):
+    """A lone request the batcher's task took during its turn must not wake that task again:
+    the stale wake-up would make the next lone request, arriving right after, the batcher's
+    too, and so on for every request of a back-to-back run."""
+    import bdserve.serve.batching as batching
+
+    monkeypatch.setattr(batching, "INLINE_IDLE_S", -1.0)  # back to back still counts as idle here
+    model = _SlowModel(seconds=0.0)
+
+    async def main():
+        b = batching.Batcher(model, max_batch_size=32, max_queue_delay_ms=5)
+        b.start()
+        one = torch.zeros(1, 3, 2, 2)
+        await b.submit(one)  # the batcher's task is still starting: it may take this one
+        for _ in range(6):
+            await b.submit(one)
+        await b.close()
+
+    asyncio.run(main())
+    assert len(model.tasks) == 7 and "batcher-slow" not in model.tasks[1:]
+
+
 def test_batcher_waits_for_arrivals_only_up_to_the_delay():
     """Requests the doors announce but never queue hold a batch back at most the delay."""
     from bdserve.serve.batching import Batcher
