@@ -138,8 +138,10 @@ class Batcher:
                         item.taken = n
                         self._run_inline(loop, [_Piece(item, 0, n)])
                         return fut.result()
-                if item.taken < n:  # (the batcher's task may have taken it all during the turn: a
-                    self._wakeup.set()  # wake-up now would be stale, and catch the next lone request)
+                # The batcher's task may have taken it all during the turn: a wake-up now would be
+                # stale, and would make the next lone request the batcher's too.
+                if item.taken < n:
+                    self._wakeup.set()
                 return await fut
             finally:
                 self._queued_images -= n
