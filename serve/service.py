@@ -132,12 +132,14 @@ class InferenceService:
     async def infer(self, request: oip.InferRequest) -> oip.InferResponse:
         """One request through the model's batcher, answered with the outputs it asked for."""
         model = self.get(request.model, request.version)
-        return oip.infer_response(request, model, await self.predict(request))
+        return oip.infer_response(request, model, await self._predict(model, request))
 
     async def predict(self, request: oip.InferRequest) -> Prediction:
         """One request through the model's batcher: input -> tensor, defense resolved; its
         Prediction (the doors that answer in their own shape need no OIP outputs built)."""
-        model = self.get(request.model, request.version)
+        return await self._predict(self.get(request.model, request.version), request)
+
+    async def _predict(self, model: DefendedModel, request: oip.InferRequest) -> Prediction:
         oip.check_outputs(request, model)
         x = self._to_tensor(model, request.input)
         # Refused here, before queueing (lab mode, bad spec); the cached Transform object is

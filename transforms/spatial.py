@@ -57,7 +57,7 @@ def place(small: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: in
         for i, (t, l) in enumerate(zip(top.tolist(), left.tolist())):
             out[i, :, t:t + h, l:l + w] = small[i]
         return out
-    pad_h, pad_w = height - small.shape[-2], width - small.shape[-1]
+    pad_h, pad_w = height - h, width - w
     padded = F.pad(small, (pad_w, pad_w, pad_h, pad_h))
     return windows(padded, pad_h - top, pad_w - left, height, width)
 
